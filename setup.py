@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     'pycocotools>=2.0.9',
     'ftfy',
     'regex',
-    'setuptools>=60,<70',  # mmengine and mmcv import pkg_resources
+    'setuptools>=64,<81',  # mmengine and mmcv import pkg_resources (gone in 81)
     'numpy',
     'matplotlib',
     'Pillow',

@@ -48,10 +48,12 @@ PY
 }
 if [ -f "$stamp" ] && verify; then exit 0; fi
 
-log "installing build prerequisites and $TORCH_SPEC"
-"$PY" -m pip install -q "setuptools>=60,<70" wheel ninja
+log "installing $TORCH_SPEC and build prerequisites"
 # shellcheck disable=SC2086
 "$PY" -m pip install -q $TORCH_SPEC
+# setuptools: torch 2.14 wants >=77.0.3; mmcv's setup.py and mmengine import pkg_resources,
+# which setuptools 81 removes. (Older torch accept any setuptools.)
+"$PY" -m pip install -q "setuptools>=64,<81" wheel ninja
 
 tag=$("$PY" -c "import sys, torch; v=torch.__version__.replace('+','_'); \
 cu='cuda' if (torch.cuda.is_available() or __import__('os').environ.get('FORCE_CUDA')=='1') else 'cpu'; \

@@ -1,0 +1,165 @@
+"""Tiny but real OpenMMLab / timm models for tests, demos and CPU benchmarks.
+
+Each ``tiny_*_cfg()`` starts from the upstream config shipped inside the mmdet / mmseg
+package (``mmdet::...`` / ``mmseg::...``), keeps every component type, and only scales
+widths/depths down. All pretrained URLs and ``init_cfg`` entries are removed, so nothing is
+ever downloaded. SyncBN is replaced by BN so the models train on one CPU process.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict
+
+from mmengine.config import Config, ConfigDict
+
+#: Upstream configs the tiny models (and the shipped mimiq configs) derive from.
+UPSTREAM = {
+    'maskrcnn_swin': 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    'upernet_swin': 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'upernet_vit': 'mmseg::vit/vit_vit-b16_mln_upernet_8xb2-80k_ade20k-512x512.py',
+}
+SCOPE = {'maskrcnn_swin': 'mmdet', 'upernet_swin': 'mmseg', 'upernet_vit': 'mmseg'}
+
+
+def load_upstream_config(name_or_path: str) -> Config:
+    """Load an upstream config (``'mmdet::swin/...py'``) from the installed package."""
+    from mmengine.hub import get_config
+    return get_config(name_or_path, pretrained=False)
+
+
+def strip_pretrained(model_cfg: dict) -> dict:
+    """Remove every ``pretrained=`` / ``init_cfg`` that could trigger a download (in place)."""
+    if isinstance(model_cfg, dict):
+        if 'pretrained' in model_cfg:
+            model_cfg['pretrained'] = None
+        if 'init_cfg' in model_cfg:
+            model_cfg['init_cfg'] = None
+        for value in model_cfg.values():
+            strip_pretrained(value)
+    elif isinstance(model_cfg, (list, tuple)):
+        for value in model_cfg:
+            strip_pretrained(value)
+    return model_cfg
+
+
+def replace_sync_bn(model_cfg: dict) -> dict:
+    """SyncBN -> BN (in place), for single-process CPU training."""
+    if isinstance(model_cfg, dict):
+        if model_cfg.get('type') == 'SyncBN':
+            model_cfg['type'] = 'BN'
+        for value in model_cfg.values():
+            replace_sync_bn(value)
+    elif isinstance(model_cfg, (list, tuple)):
+        for value in model_cfg:
+            replace_sync_bn(value)
+    return model_cfg
+
+
+def _finish(cfg: Config) -> Config:
+    strip_pretrained(cfg.model)
+    replace_sync_bn(cfg.model)
+    return cfg
+
+
+def tiny_maskrcnn_swin_cfg(num_classes: int = 3, embed_dims: int = 32,
+                           channels: int = 32) -> Config:
+    """Mask R-CNN with a 4-stage Swin backbone (2 blocks a stage: W-MSA + SW-MSA)."""
+    cfg = load_upstream_config(UPSTREAM['maskrcnn_swin'])
+    m = cfg.model
+    m.backbone.update(embed_dims=embed_dims, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 8],
+                      window_size=7, drop_path_rate=0.0, convert_weights=False)
+    m.neck.update(in_channels=[embed_dims * 2**i for i in range(4)], out_channels=channels)
+    m.rpn_head.update(in_channels=channels, feat_channels=channels)
+    m.roi_head.bbox_roi_extractor.update(out_channels=channels)
+    m.roi_head.bbox_head.update(in_channels=channels, fc_out_channels=64,
+                                num_classes=num_classes)
+    m.roi_head.mask_roi_extractor.update(out_channels=channels)
+    m.roi_head.mask_head.update(in_channels=channels, conv_out_channels=channels,
+                                num_classes=num_classes)
+    # fewer proposals/samples: CPU friendly, same code paths
+    m.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
+    m.train_cfg.rcnn.sampler.update(num=64)
+    m.test_cfg.rpn.update(nms_pre=200, max_per_img=100)
+    return _finish(cfg)
+
+
+def tiny_upernet_swin_cfg(num_classes: int = 4, embed_dims: int = 32,
+                          channels: int = 32, crop_size=(64, 64)) -> Config:
+    """UperNet (+ FCN auxiliary head) with a 4-stage Swin backbone."""
+    cfg = load_upstream_config(UPSTREAM['upernet_swin'])
+    m = cfg.model
+    m.data_preprocessor.update(size=tuple(crop_size))
+    m.backbone.update(embed_dims=embed_dims, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 8],
+                      window_size=7, drop_path_rate=0.0)
+    m.decode_head.update(in_channels=[embed_dims * 2**i for i in range(4)], channels=channels,
+                         num_classes=num_classes)
+    m.auxiliary_head.update(in_channels=embed_dims * 4, channels=channels // 2,
+                            num_classes=num_classes)
+    return _finish(cfg)
+
+
+def tiny_upernet_vit_cfg(num_classes: int = 4, embed_dims: int = 64, num_layers: int = 4,
+                         channels: int = 32, crop_size=(64, 64)) -> Config:
+    """UperNet on mmseg's VisionTransformer (mmcv MultiheadAttention, packed in_proj)."""
+    cfg = load_upstream_config(UPSTREAM['upernet_vit'])
+    m = cfg.model
+    m.data_preprocessor.update(size=tuple(crop_size))
+    m.backbone.update(img_size=tuple(crop_size), embed_dims=embed_dims, num_layers=num_layers,
+                      num_heads=4, out_indices=tuple(range(num_layers))[-4:],
+                      drop_path_rate=0.0)
+    m.neck.update(in_channels=[embed_dims] * 4, out_channels=embed_dims)
+    m.decode_head.update(in_channels=[embed_dims] * 4, channels=channels,
+                         num_classes=num_classes)
+    m.auxiliary_head.update(in_channels=embed_dims, channels=channels // 2,
+                            num_classes=num_classes)
+    return _finish(cfg)
+
+
+TINY_CONFIGS: Dict[str, Callable[..., Config]] = {
+    'maskrcnn_swin': tiny_maskrcnn_swin_cfg,
+    'upernet_swin': tiny_upernet_swin_cfg,
+    'upernet_vit': tiny_upernet_vit_cfg,
+}
+
+
+def build_model_from_cfg(model_cfg: dict, scope: str):
+    """Build an mmdet/mmseg model from its config dict inside the right registry scope."""
+    from mmengine.registry import DefaultScope, init_default_scope
+    if scope == 'mmdet':
+        import mmdet.models  # noqa: F401  (registers)
+        from mmdet.registry import MODELS
+    elif scope == 'mmseg':
+        import mmseg.models  # noqa: F401
+        from mmseg.registry import MODELS
+    else:
+        raise ValueError(f"scope must be 'mmdet' or 'mmseg', got {scope!r}")
+    if DefaultScope.get_current_instance() is None:
+        init_default_scope(scope)
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(copy.deepcopy(ConfigDict(model_cfg)))
+    model.init_weights()
+    return model
+
+
+def build_tiny_model(name: str, **kwargs):
+    """``build_tiny_model('maskrcnn_swin' | 'upernet_swin' | 'upernet_vit')`` -> nn.Module."""
+    if name not in TINY_CONFIGS:
+        raise ValueError(f'unknown tiny model {name!r}; valid: {sorted(TINY_CONFIGS)}')
+    cfg = TINY_CONFIGS[name](**kwargs)
+    return build_model_from_cfg(cfg.model, SCOPE[name])
+
+
+def tiny_timm_vit(img_size: int = 32, **kwargs):
+    """timm's registered ``test_vit`` (dim 64, 2 heads), at a small image size."""
+    import timm
+    return timm.create_model('test_vit', pretrained=False, img_size=img_size, **kwargs)
+
+
+def tiny_timm_swin(img_size: int = 32, **kwargs):
+    """A two-stage timm Swin with window 4 (shifted windows in the second block)."""
+    import timm
+    params = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                  num_classes=10)
+    params.update(kwargs)
+    return timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                             img_size=img_size, **params)

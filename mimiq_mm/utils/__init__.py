@@ -1,0 +1,1 @@
+"""mimiq_mm.utils"""
