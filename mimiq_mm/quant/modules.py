@@ -1,7 +1,13 @@
 """Quantizable modules. ``MatMul`` is the float product that attention adapters route
 q·kᵀ and attn·v through; ``quantize_`` swaps it for ``QuantMatMul``."""
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .config import QuantConfig
+from .quantizers import Quantizer
 
 
 class MatMul(nn.Module):
@@ -9,3 +15,135 @@ class MatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
+
+
+def _make_input_quantizer(cfg, keep_float: bool, num_channels=None, observe_channels=False):
+    if keep_float:
+        return None
+    return Quantizer(cfg.act, num_channels=num_channels, observe_channels=observe_channels)
+
+
+def _make_weight_quantizer(cfg, weight: torch.Tensor) -> Quantizer:
+    return Quantizer(cfg.weight, ch_axis=0, num_channels=weight.shape[0], is_weight=True)
+
+
+# Attributes every nn.Module has (parameter/buffer/hook dicts...): never copied by from_float.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {'training'}
+
+
+class _QuantWeightMixin:
+    """Shared by QuantLinear / QuantConv2d: swap in and out keeping the same Parameters."""
+
+    _float_module: nn.Module
+
+    @classmethod
+    def from_float(cls, module: nn.Module, cfg: Optional[QuantConfig] = None,
+                   keep_input_float: bool = False,
+                   observe_input_channels: bool = False):
+        """Quantized twin of ``module`` sharing its ``weight`` / ``bias`` Parameters.
+
+        Args:
+            module: the float layer (its class is kept for :meth:`to_float`).
+            cfg: a :class:`QuantConfig` (``cfg.weight`` and ``cfg.act`` are used).
+            keep_input_float: leave the input unquantized (``quantize_`` sets it for the
+                layer that sees the network input when ``cfg.keep_input_float``).
+            observe_input_channels: collect per-channel input statistics (LayerNorm reparam).
+        """
+        float_base = cls._float_base
+        if not isinstance(module, float_base):
+            raise TypeError(f'{cls.__name__}.from_float expects a {float_base.__name__}, got '
+                            f'{type(module).__name__}')
+        cfg = QuantConfig() if cfg is None else cfg
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in vars(module).items():
+            if key not in _MODULE_INTERNALS:
+                object.__setattr__(new, key, value)
+        new.training = module.training
+        new.weight = module.weight
+        new.bias = module.bias
+        object.__setattr__(new, '_float_module', module)
+        new.weight_quantizer = _make_weight_quantizer(cfg, module.weight)
+        new.input_quantizer = _make_input_quantizer(
+            cfg, bool(keep_input_float), new._in_channels(), observe_input_channels)
+        return new
+
+    def to_float(self) -> nn.Module:
+        """The original float module, holding this module's (same) Parameters."""
+        module = self._float_module
+        module.weight = self.weight
+        module.bias = self.bias
+        module.train(self.training)
+        return module
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight (per output channel) and input."""
+
+    _float_base = nn.Linear
+
+    def _in_channels(self) -> int:
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quant_input(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight (per output channel) and input."""
+
+    _float_base = nn.Conv2d
+
+    def _in_channels(self) -> int:
+        return self.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quant_input(x), self.weight_quantizer(self.weight),
+                                  self.bias)
+
+
+MATMUL_ROLES = ('qk', 'av', 'generic')
+
+
+class QuantMatMul(MatMul):
+    """``MatMul`` with BOTH inputs fake-quantized, each by its own quantizer.
+
+    Role 'av' (attn·v): the first input is post-softmax probabilities -> ``cfg.attn_prob``
+    (may be a log2 quantizer); the second (v) -> ``cfg.act``. Roles 'qk' / 'generic': both
+    inputs -> ``cfg.act``.
+    """
+
+    def __init__(self, cfg: Optional[QuantConfig] = None, role: str = 'generic'):
+        super().__init__()
+        if role not in MATMUL_ROLES:
+            raise ValueError(f'role={role!r} is not valid; choose one of {list(MATMUL_ROLES)}')
+        cfg = QuantConfig() if cfg is None else cfg
+        self.role = role
+        self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act)
+        self.b_quantizer = Quantizer(cfg.act)
+        self._float_module = None
+
+    @classmethod
+    def from_float(cls, module: MatMul, cfg: Optional[QuantConfig] = None,
+                   role: str = 'generic') -> 'QuantMatMul':
+        if not isinstance(module, MatMul):
+            raise TypeError(f'QuantMatMul.from_float expects a MatMul, got '
+                            f'{type(module).__name__}')
+        new = cls(cfg, role)
+        new.train(module.training)
+        object.__setattr__(new, '_float_module', module)
+        return new
+
+    def to_float(self) -> MatMul:
+        module = self._float_module if self._float_module is not None else MatMul()
+        module.train(self.training)
+        return module
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+
+    def extra_repr(self) -> str:
+        return f'role={self.role}'

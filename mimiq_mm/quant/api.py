@@ -1,0 +1,213 @@
+"""Model-level verbs: ``quantize_`` / ``dequantize_``, ``calibration_mode``,
+``set_quant_state`` / ``quant_state``, and iterators over what was quantized."""
+import contextlib
+import warnings
+from collections import Counter
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
+from .quantizers import Quantizer
+from .reparam import apply_calibrated_reparam_, find_reparam_pairs
+
+QUANT_MODULE_TYPES = (QuantLinear, QuantConv2d, QuantMatMul)
+# Attribute names the attention adapters give the two products (docs/INTERFACES.md).
+MATMUL_ROLE_BY_ATTR = {'qk_matmul': 'qk', 'av_matmul': 'av'}
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _as_config(config) -> QuantConfig:
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QuantConfig.from_dict(config)
+    raise ValueError(f'config must be a QuantConfig, a dict of its fields or None, got '
+                     f'{type(config).__name__}')
+
+
+def get_scope(model: nn.Module, scope: str) -> Tuple[nn.Module, str]:
+    """``(scope_module, its fully-qualified-name prefix)``."""
+    if scope == 'backbone' and isinstance(getattr(model, 'backbone', None), nn.Module):
+        return model.backbone, 'backbone.'
+    return model, ''
+
+
+def _default_input_layer(scope_module: nn.Module, prefix: str) -> Optional[str]:
+    for name, module in scope_module.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            return prefix + name
+    return None
+
+
+def _split(fqn: str) -> Tuple[str, str]:
+    parent, _, attr = fqn.rpartition('.')
+    return parent, attr
+
+
+def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None,
+              filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Quantize ``model`` in place and return it (see docs/INTERFACES.md).
+
+    1. ``mimiq_mm.attention.adapt_attention_`` on the scope, so attention modules own
+       ``qk_matmul`` / ``av_matmul``;
+    2. ``nn.Linear -> QuantLinear``, ``nn.Conv2d -> QuantConv2d``, ``MatMul -> QuantMatMul``
+       inside ``config.scope``, honouring ``config.overrides`` (fnmatch on the name relative
+       to ``model``) and ``filter_fn(module, fqn) -> bool`` (False = keep float).
+
+    The new quantizers are uncalibrated: run ``with calibration_mode(model): ...`` next.
+    """
+    config = _as_config(config)
+    scope_module, prefix = get_scope(model, config.scope)
+    from mimiq_mm.attention import adapt_attention_  # lazy: sibling stage
+    adapt_attention_(scope_module)
+
+    input_layer = None
+    if config.keep_input_float:
+        input_layer = config.input_layer or _default_input_layer(scope_module, prefix)
+    reparam_linears = set()
+    if config.reparam:
+        for pair in find_reparam_pairs(scope_module):
+            reparam_linears.update(id(m) for m in pair.linears)
+
+    swaps = []
+    for name, module in scope_module.named_modules():
+        if not name or isinstance(module, QUANT_MODULE_TYPES):
+            continue
+        fqn = prefix + name
+        is_matmul = isinstance(module, MatMul)
+        if not (is_matmul or isinstance(module, (nn.Linear, nn.Conv2d))):
+            continue
+        if is_matmul and not config.quantize_attention:
+            continue
+        cfg = config.for_module(fqn)
+        if cfg is None or (filter_fn is not None and not filter_fn(module, fqn)):
+            continue
+        if is_matmul:
+            role = MATMUL_ROLE_BY_ATTR.get(_split(name)[1], 'generic')
+            new = QuantMatMul.from_float(module, cfg, role=role)
+        else:
+            cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+            keep = cfg.keep_input_float and fqn == input_layer
+            observe = (isinstance(module, nn.Linear) and id(module) in reparam_linears
+                       and cfg.act.granularity == 'per_tensor' and cfg.act.kind == 'uniform')
+            new = cls.from_float(module, cfg, keep_input_float=keep,
+                                 observe_input_channels=observe)
+        for qname, q in new.named_modules():
+            if isinstance(q, Quantizer):
+                q.name = f'{fqn}.{qname}'
+        swaps.append((name, new))
+    for name, new in swaps:
+        parent, attr = _split(name)
+        setattr(scope_module.get_submodule(parent) if parent else scope_module, attr, new)
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Undo :func:`quantize_` in place: every quant module becomes its float original
+    (same Parameters) and attention adapters are restored. A LayerNorm reparam, if one was
+    applied, stays folded (it does not change the float function)."""
+    swaps = [(name, m.to_float()) for name, m in model.named_modules()
+             if isinstance(m, QUANT_MODULE_TYPES)]
+    for name, float_module in swaps:
+        parent, attr = _split(name)
+        setattr(model.get_submodule(parent) if parent else model, attr, float_module)
+    from mimiq_mm.attention import restore_attention_  # lazy: sibling stage
+    restore_attention_(model)
+    return model
+
+
+def quant_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every QuantLinear / QuantConv2d / QuantMatMul."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_MODULE_TYPES):
+            yield name, module
+
+
+def count_quant_modules(model: nn.Module) -> Dict[str, int]:
+    """``{'QuantLinear': n, 'QuantConv2d': n, 'QuantMatMul': n}`` (zeros included)."""
+    counts = Counter({cls.__name__: 0 for cls in QUANT_MODULE_TYPES})
+    counts.update(type(m).__name__ for _, m in quant_modules(model))
+    return dict(counts)
+
+
+def quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            yield name, module
+
+
+def lsq_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The LSQ ``step`` Parameters (for an optimizer param-group)."""
+    for _, q in quantizers(model):
+        if q.cfg.lsq:
+            yield q.step
+
+
+def set_quant_state(model: nn.Module, weight: Optional[bool] = None,
+                    act: Optional[bool] = None) -> None:
+    """Enable/disable fake-quant of weights and/or activations (None = leave as is)."""
+    for _, q in quantizers(model):
+        value = weight if q.is_weight else act
+        if value is not None:
+            q.fake_quant_enabled = bool(value)
+
+
+@contextlib.contextmanager
+def quant_state(model: nn.Module, weight: Optional[bool] = None, act: Optional[bool] = None):
+    """Context form of :func:`set_quant_state`; the previous state is restored on exit."""
+    saved = [(q, q.fake_quant_enabled) for _, q in quantizers(model)]
+    try:
+        set_quant_state(model, weight=weight, act=act)
+        yield model
+    finally:
+        for q, enabled in saved:
+            q.fake_quant_enabled = enabled
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module, reparam: bool = True):
+    """Calibrate every quantizer of ``model``.
+
+    Inside the block the model computes in float while the activation observers collect
+    statistics (their previous statistics are cleared on entry). On normal exit: the
+    LayerNorm reparam is folded where ``quantize_(..., reparam=True)`` prepared it (and
+    ``reparam`` is True), weight ranges are computed from the (possibly reparameterised)
+    weights, activation steps from the observers, and ``initialized`` is set. Quantizers
+    whose module never ran stay uncalibrated (a warning names them). The previous
+    enabled/observing state is restored on exit, also when the block raises (then
+    nothing is computed).
+    """
+    qs = [q for _, q in quantizers(model)]
+    saved = [(q, q.fake_quant_enabled, q.observing) for q in qs]
+    try:
+        for q in qs:
+            if q.is_weight:
+                q.fake_quant_enabled = False
+            else:
+                q.observer.reset()
+                q.observing = True
+        yield model
+        for q in qs:
+            q.observing = False
+        with torch.no_grad():
+            if reparam:
+                apply_calibrated_reparam_(model)
+            for _, module in quant_modules(model):
+                if isinstance(module, (QuantLinear, QuantConv2d)):
+                    module.weight_quantizer.calibrate_from(module.weight)
+            missing = [q.name or '?' for q in qs
+                       if not q.is_weight and not q.compute_qparams()]
+        if missing:
+            warnings.warn(f'{len(missing)} activation quantizer(s) saw no data during '
+                          f'calibration and stay uncalibrated: {missing[:10]}'
+                          f'{" ..." if len(missing) > 10 else ""}', RuntimeWarning)
+    finally:
+        for q, enabled, observing in saved:
+            q.fake_quant_enabled = enabled
+            q.observing = observing

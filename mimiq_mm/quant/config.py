@@ -1,0 +1,268 @@
+"""Frozen, validated quantization configs.
+
+``QuantizerConfig`` describes one quantizer (weights, activations or attention
+probabilities); ``QuantConfig`` the whole recipe applied by ``quantize_``. Defaults follow
+MIMIQ.md: W4/A4, per-output-channel symmetric min-max weights, per-tensor LSQ activations,
+both attention products quantized, LayerNorm/softmax/GELU and the network input float.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+from .primitives import MAX_BITS, MIN_BITS
+
+GRANULARITIES = ('per_tensor', 'per_channel')
+OBSERVERS = ('minmax', 'percentile', 'ema', 'mse', 'lsq')
+KINDS = ('uniform', 'log2', 'log_sqrt2')
+SIGNEDNESS = ('auto', 'signed', 'unsigned')
+SCOPES = ('backbone', 'all')
+# Fields of QuantConfig an override may change for one module.
+OVERRIDABLE = ('weight', 'act', 'attn_prob', 'keep_input_float')
+
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_EMA_MOMENTUM = 0.1
+DEFAULT_MSE_NORM = 2.0
+DEFAULT_MSE_STEPS = 40
+
+
+def _check_choice(name: str, value: Any, valid: Tuple) -> None:
+    if value not in valid:
+        raise ValueError(f'{name}={value!r} is not valid; choose one of {list(valid)}')
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """One quantizer.
+
+    Attributes:
+        bits: 2..8.
+        granularity: 'per_tensor' or 'per_channel' (weights: output channel).
+        symmetric: zero point 0 (True) or affine with a zero point (False).
+        signedness: 'auto' = unsigned grid when the calibrated input is non-negative,
+            else signed; or force 'signed' / 'unsigned'.
+        observer: initial range from 'minmax', 'percentile', 'ema' (min/max EMA over
+            batches), 'mse' (clipping ratio minimising the Lp error), or 'lsq'
+            (step = 2*mean|x|/sqrt(Qmax)).
+        lsq: learn the step (an ``nn.Parameter`` named ``step``) with LSQ gradient scaling.
+        kind: 'uniform', or 'log2' / 'log_sqrt2' for non-negative inputs (softmax output);
+            log quantizers have a fixed scale = calibrated max and no LSQ.
+        percentile: upper percentile (lower = 100 - percentile) for observer 'percentile'.
+        ema_momentum: weight of the new batch for observer 'ema'.
+        mse_norm: p of the Lp error minimised by observer 'mse'.
+        mse_steps: number of clipping ratios tried by observer 'mse'.
+    """
+    bits: int = 4
+    granularity: str = 'per_tensor'
+    symmetric: bool = True
+    signedness: str = 'auto'
+    observer: str = 'lsq'
+    lsq: bool = True
+    kind: str = 'uniform'
+    percentile: float = DEFAULT_PERCENTILE
+    ema_momentum: float = DEFAULT_EMA_MOMENTUM
+    mse_norm: float = DEFAULT_MSE_NORM
+    mse_steps: int = DEFAULT_MSE_STEPS
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
+                or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f'bits={self.bits!r} is not valid; choose one of '
+                             f'{list(range(MIN_BITS, MAX_BITS + 1))}')
+        _check_choice('granularity', self.granularity, GRANULARITIES)
+        _check_choice('observer', self.observer, OBSERVERS)
+        _check_choice('kind', self.kind, KINDS)
+        _check_choice('signedness', self.signedness, SIGNEDNESS)
+        _check_choice('symmetric', self.symmetric, (True, False))
+        _check_choice('lsq', self.lsq, (True, False))
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f'percentile={self.percentile!r} is not valid; use a value in '
+                             '(50, 100], e.g. 99.99')
+        if not 0.0 < float(self.ema_momentum) <= 1.0:
+            raise ValueError(f'ema_momentum={self.ema_momentum!r} is not valid; use a value '
+                             'in (0, 1], e.g. 0.1')
+        if float(self.mse_norm) <= 0:
+            raise ValueError(f'mse_norm={self.mse_norm!r} is not valid; use a positive p, '
+                             'e.g. 2.0')
+        if not isinstance(self.mse_steps, int) or self.mse_steps < 2:
+            raise ValueError(f'mse_steps={self.mse_steps!r} is not valid; use an int >= 2')
+        if self.kind != 'uniform':
+            if self.lsq:
+                raise ValueError(f"kind={self.kind!r} has a fixed scale; set lsq=False "
+                                 "(LSQ is only valid with kind='uniform')")
+            if self.granularity != 'per_tensor':
+                raise ValueError(f"kind={self.kind!r} supports granularity='per_tensor' only")
+            if self.signedness == 'signed':
+                raise ValueError(f"kind={self.kind!r} quantizes non-negative inputs; use "
+                                 "signedness='auto' or 'unsigned'")
+
+    def replace(self, **changes) -> 'QuantizerConfig':
+        return _replace(self, changes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> 'QuantizerConfig':
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f'expected a dict of QuantizerConfig fields, got {type(d).__name__}')
+        _check_keys(cls, d)
+        return cls(**dict(d))
+
+
+def _field_names(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _check_keys(cls, d: Mapping) -> None:
+    unknown = sorted(set(d) - set(_field_names(cls)))
+    if unknown:
+        raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; valid fields are '
+                         f'{list(_field_names(cls))}')
+
+
+def _replace(cfg, changes: Mapping):
+    _check_keys(type(cfg), changes)
+    return dataclasses.replace(cfg, **dict(changes))
+
+
+def default_weight_config() -> QuantizerConfig:
+    return QuantizerConfig(bits=4, granularity='per_channel', symmetric=True,
+                           signedness='signed', observer='minmax', lsq=False)
+
+
+def default_act_config() -> QuantizerConfig:
+    return QuantizerConfig(bits=4, granularity='per_tensor', symmetric=True,
+                           signedness='auto', observer='lsq', lsq=True)
+
+
+_DEFAULTS = {'weight': default_weight_config, 'act': default_act_config,
+             'attn_prob': default_act_config}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Recipe for :func:`mimiq_mm.quant.quantize_`.
+
+    Attributes:
+        weight: weight quantizer of Linear/Conv2d.
+        act: input quantizer of Linear/Conv2d and of both inputs of q·kᵀ and of v in attn·v.
+        attn_prob: quantizer of the post-softmax probabilities (first input of attn·v);
+            ``kind='log2'`` / ``'log_sqrt2'`` selects a log quantizer.
+        quantize_attention: quantize q·kᵀ and attn·v (``MatMul`` -> ``QuantMatMul``).
+        scope: 'backbone' (``model.backbone`` when present, else the whole model) or 'all'.
+        overrides: ``{fnmatch pattern on the fully-qualified module name: changes}``;
+            changes is ``None`` (keep that module float) or a dict over ``weight``, ``act``,
+            ``attn_prob`` (each a dict of QuantizerConfig field changes) and
+            ``keep_input_float``. Later patterns win.
+        reparam: RepQ-ViT-style per-channel scale reparameterisation of post-LayerNorm
+            activations into the LayerNorm affine and the following Linear(s), applied at
+            the end of calibration.
+        keep_input_float: the first Conv2d/Linear that sees the image keeps its input float
+            (its weights are still quantized).
+        input_layer: fully-qualified name of that layer; ``None`` = the first Conv2d/Linear
+            in the scope in registration order.
+    """
+    weight: QuantizerConfig = field(default_factory=default_weight_config)
+    act: QuantizerConfig = field(default_factory=default_act_config)
+    attn_prob: QuantizerConfig = field(default_factory=default_act_config)
+    quantize_attention: bool = True
+    scope: str = 'backbone'
+    overrides: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = ()
+    reparam: bool = False
+    keep_input_float: bool = True
+    input_layer: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ('weight', 'act', 'attn_prob'):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                # a dict is a partial change of this field's default
+                object.__setattr__(self, name, _DEFAULTS[name]().replace(**dict(value)))
+            elif not isinstance(value, QuantizerConfig):
+                raise ValueError(f'{name} must be a QuantizerConfig or a dict of its fields, '
+                                 f'got {type(value).__name__}')
+        _check_choice('scope', self.scope, SCOPES)
+        for name in ('quantize_attention', 'reparam', 'keep_input_float'):
+            _check_choice(name, getattr(self, name), (True, False))
+        if self.input_layer is not None and not isinstance(self.input_layer, str):
+            raise ValueError(f'input_layer must be a module name (str) or None, got '
+                             f'{self.input_layer!r}')
+        object.__setattr__(self, 'overrides', self._normalise_overrides(self.overrides))
+
+    def _normalise_overrides(self, overrides) -> Tuple:
+        items = overrides.items() if isinstance(overrides, Mapping) else overrides
+        out = []
+        for item in items:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ValueError('overrides must be a dict {pattern: changes | None}, got '
+                                 f'entry {item!r}')
+            pattern, changes = item
+            if not isinstance(pattern, str):
+                raise ValueError(f'override pattern must be a str, got {pattern!r}')
+            if changes is None:
+                out.append((pattern, None))
+                continue
+            if not isinstance(changes, (Mapping, tuple, list)):
+                raise ValueError(f'override {pattern!r}: changes must be a dict or None, got '
+                                 f'{changes!r}')
+            changes = dict(changes)
+            unknown = sorted(set(changes) - set(OVERRIDABLE))
+            if unknown:
+                raise ValueError(f'override {pattern!r}: unknown key(s) {unknown}; valid '
+                                 f'keys are {list(OVERRIDABLE)} (or None to keep float)')
+            frozen = []
+            for key, value in changes.items():
+                if key == 'keep_input_float':
+                    _check_choice(f'override {pattern!r} keep_input_float', value, (True, False))
+                elif isinstance(value, QuantizerConfig):
+                    value = tuple(dataclasses.asdict(value).items())
+                elif isinstance(value, (Mapping, tuple, list)):
+                    value = dict(value)
+                    _check_keys(QuantizerConfig, value)
+                    value = tuple(sorted(dict(value).items()))
+                else:
+                    raise ValueError(f'override {pattern!r}: {key} must be a dict of '
+                                     f'QuantizerConfig fields, got {value!r}')
+                if key != 'keep_input_float':
+                    getattr(self, key).replace(**dict(value))  # validate the values early
+                frozen.append((key, value))
+            out.append((pattern, tuple(frozen)))
+        return tuple(out)
+
+    def overrides_dict(self) -> dict:
+        return {p: (None if c is None else {k: (dict(v) if isinstance(v, tuple) else v)
+                                            for k, v in c})
+                for p, c in self.overrides}
+
+    def for_module(self, fqn: str) -> Optional['QuantConfig']:
+        """The config for module ``fqn`` after all matching overrides; ``None`` = keep float."""
+        import fnmatch
+        cfg = self
+        for pattern, changes in self.overrides:
+            if not fnmatch.fnmatchcase(fqn, pattern):
+                continue
+            if changes is None:
+                return None
+            updates = {}
+            for key, value in changes:
+                if key == 'keep_input_float':
+                    updates[key] = value
+                else:
+                    updates[key] = getattr(cfg, key).replace(**dict(value))
+            cfg = dataclasses.replace(cfg, **updates)
+        return cfg if cfg is self else dataclasses.replace(cfg, overrides=())
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping]) -> 'QuantConfig':
+        """Build from a plain (mmengine) dict; nested quantizer configs may be dicts."""
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f'expected a dict of QuantConfig fields, got {type(d).__name__}')
+        d = dict(d)
+        d.pop('type', None)
+        _check_keys(cls, d)
+        if 'overrides' in d and d['overrides'] is not None and isinstance(d['overrides'], Mapping):
+            d['overrides'] = dict(d['overrides'])
+        return cls(**d)

@@ -1,0 +1,229 @@
+"""Range observers: collect statistics of a tensor during calibration (all in buffers).
+
+Every observer keeps the true running ``min_val`` / ``max_val`` (used to decide signedness)
+and exposes ``compute_range() -> (lo, hi)``, the range its method recommends. With
+``ch_axis`` set the statistics are per slice along that axis (``num_channels`` of them,
+known at construction so that ``load_state_dict`` never meets a shape mismatch).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .primitives import choose_qparams, quant_range, quantization_error
+
+# Cap on the elements examined per batch by the percentile / MSE observers (a strided
+# subsample beyond it): keeps calibration cheap on 800x1216 feature maps.
+MAX_OBSERVER_SAMPLES = 2 ** 22
+# Smallest clipping ratio tried by the MSE observer (of the batch min/max).
+MSE_MIN_RATIO = 0.05
+PERCENT = 100.0
+
+
+def _as_rows(x: Tensor, ch_axis: Optional[int]) -> Tensor:
+    """(C, M) view of x (C = 1 per tensor)."""
+    if ch_axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+
+
+def _subsample(rows: Tensor, max_samples: int = MAX_OBSERVER_SAMPLES) -> Tensor:
+    cols = max(1, max_samples // rows.shape[0])
+    if rows.shape[1] <= cols:
+        return rows
+    stride = math.ceil(rows.shape[1] / cols)
+    return rows[:, ::stride]
+
+
+class Observer(nn.Module):
+    """Base class: running min/max; subclasses add their own statistics."""
+
+    def __init__(self, ch_axis: Optional[int] = None, num_channels: Optional[int] = None):
+        super().__init__()
+        if ch_axis is not None and not num_channels:
+            raise ValueError('a per-channel observer needs num_channels')
+        self.ch_axis = ch_axis
+        shape = () if ch_axis is None else (int(num_channels),)
+        self.register_buffer('min_val', torch.full(shape, math.inf))
+        self.register_buffer('max_val', torch.full(shape, -math.inf))
+        self.register_buffer('num_batches', torch.zeros((), dtype=torch.long))
+
+    def reset(self) -> None:
+        self.min_val.fill_(math.inf)
+        self.max_val.fill_(-math.inf)
+        self.num_batches.zero_()
+
+    def has_data(self) -> bool:
+        return bool(self.num_batches > 0)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        rows = _as_rows(x.detach().float(), self.ch_axis)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        if self.ch_axis is None:
+            lo, hi = lo[0], hi[0]
+        self._update(rows, lo, hi)
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
+        self.num_batches += 1
+        return x
+
+    def _update(self, rows: Tensor, lo: Tensor, hi: Tensor) -> None:
+        """Hook for subclasses (called before min/max and num_batches are updated)."""
+
+    def compute_range(self) -> Tuple[Tensor, Tensor]:
+        return self.min_val.clone(), self.max_val.clone()
+
+    def mean_abs(self) -> Tensor:
+        raise NotImplementedError(f'{type(self).__name__} does not track mean|x|')
+
+    @torch.no_grad()
+    def scale_channels_(self, factor: Tensor) -> None:
+        """Divide every per-channel statistic by ``factor`` (> 0), i.e. describe x / factor."""
+        for name, buf in self.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dim() == 1:
+                buf.div_(factor.to(buf))
+
+
+class MinMaxObserver(Observer):
+    """Range = running min / max."""
+
+
+class EMAObserver(Observer):
+    """Range = exponential moving average of the per-batch min / max."""
+
+    def __init__(self, momentum: float, ch_axis=None, num_channels=None):
+        super().__init__(ch_axis, num_channels)
+        self.momentum = float(momentum)
+        self.register_buffer('ema_lo', torch.zeros_like(self.min_val))
+        self.register_buffer('ema_hi', torch.zeros_like(self.max_val))
+
+    def _update(self, rows, lo, hi):
+        if self.num_batches == 0:
+            self.ema_lo.copy_(lo)
+            self.ema_hi.copy_(hi)
+        else:
+            self.ema_lo.lerp_(lo, self.momentum)
+            self.ema_hi.lerp_(hi, self.momentum)
+
+    def compute_range(self):
+        return self.ema_lo.clone(), self.ema_hi.clone()
+
+
+class _AveragedRangeObserver(Observer):
+    """Range = mean over batches of a per-batch (lo, hi) estimate."""
+
+    def __init__(self, ch_axis=None, num_channels=None):
+        super().__init__(ch_axis, num_channels)
+        self.register_buffer('sum_lo', torch.zeros_like(self.min_val))
+        self.register_buffer('sum_hi', torch.zeros_like(self.max_val))
+
+    def reset(self):
+        super().reset()
+        self.sum_lo.zero_()
+        self.sum_hi.zero_()
+
+    def _batch_range(self, rows: Tensor, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _update(self, rows, lo, hi):
+        blo, bhi = self._batch_range(_subsample(rows), lo, hi)
+        self.sum_lo += blo
+        self.sum_hi += bhi
+
+    def compute_range(self):
+        n = self.num_batches.clamp(min=1).to(self.sum_lo)
+        return self.sum_lo / n, self.sum_hi / n
+
+
+class PercentileObserver(_AveragedRangeObserver):
+    """Range = batch-averaged ``(100 - p)``-th and ``p``-th percentiles."""
+
+    def __init__(self, percentile: float, ch_axis=None, num_channels=None):
+        super().__init__(ch_axis, num_channels)
+        self.percentile = float(percentile)
+
+    def _batch_range(self, rows, lo, hi):
+        m = rows.shape[1]
+        k_hi = min(m, max(1, math.ceil(self.percentile / PERCENT * m)))
+        k_lo = min(m, max(1, math.floor((1.0 - self.percentile / PERCENT) * m) + 1))
+        blo = rows.kthvalue(k_lo, dim=1).values
+        bhi = rows.kthvalue(k_hi, dim=1).values
+        if self.ch_axis is None:
+            blo, bhi = blo[0], bhi[0]
+        return blo, bhi
+
+
+class MSEObserver(_AveragedRangeObserver):
+    """Range = per batch, the clipping ratio of (min, max) with the smallest Lp
+    fake-quant error at the target bit width; averaged over batches."""
+
+    def __init__(self, bits: int, symmetric: bool, signedness: str, norm: float, steps: int,
+                 ch_axis=None, num_channels=None):
+        super().__init__(ch_axis, num_channels)
+        self.bits, self.symmetric, self.signedness = int(bits), bool(symmetric), signedness
+        self.norm, self.steps = float(norm), int(steps)
+
+    def _batch_range(self, rows, lo, hi):
+        lo_r, hi_r = rows.amin(dim=1), rows.amax(dim=1)
+        if self.signedness == 'auto':
+            unsigned = bool((lo_r >= 0).all())
+        else:
+            unsigned = self.signedness == 'unsigned'
+        qmin, qmax = quant_range(self.bits, signed=self.symmetric and not unsigned)
+        best_err = torch.full_like(lo_r, math.inf)
+        best_lo, best_hi = lo_r.clone(), hi_r.clone()
+        for ratio in torch.linspace(MSE_MIN_RATIO, 1.0, self.steps).tolist():
+            c_lo, c_hi = lo_r * ratio, hi_r * ratio
+            scale, zp = choose_qparams(c_lo, c_hi, qmin, qmax, self.symmetric)
+            err = quantization_error(rows, scale, zp, qmin, qmax, axis=0, norm=self.norm)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+        if self.ch_axis is None:
+            best_lo, best_hi = best_lo[0], best_hi[0]
+        return best_lo, best_hi
+
+
+class MeanAbsObserver(Observer):
+    """Tracks mean|x| (for the LSQ initial step 2*mean|x|/sqrt(Qmax)) besides min/max."""
+
+    def __init__(self, ch_axis=None, num_channels=None):
+        super().__init__(ch_axis, num_channels)
+        self.register_buffer('abs_sum', torch.zeros_like(self.min_val, dtype=torch.float64))
+        self.register_buffer('count', torch.zeros((), dtype=torch.float64))
+
+    def reset(self):
+        super().reset()
+        self.abs_sum.zero_()
+        self.count.zero_()
+
+    def _update(self, rows, lo, hi):
+        s = rows.abs().sum(dim=1, dtype=torch.float64)
+        self.abs_sum += s[0] if self.ch_axis is None else s
+        self.count += rows.shape[1]
+
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / self.count.clamp(min=1)).float()
+
+
+def build_observer(cfg, ch_axis: Optional[int] = None,
+                   num_channels: Optional[int] = None) -> Observer:
+    """Observer named by ``cfg.observer`` (a :class:`QuantizerConfig`)."""
+    kw = dict(ch_axis=ch_axis, num_channels=num_channels)
+    if cfg.observer == 'minmax':
+        return MinMaxObserver(**kw)
+    if cfg.observer == 'ema':
+        return EMAObserver(cfg.ema_momentum, **kw)
+    if cfg.observer == 'percentile':
+        return PercentileObserver(cfg.percentile, **kw)
+    if cfg.observer == 'mse':
+        return MSEObserver(cfg.bits, cfg.symmetric, cfg.signedness, cfg.mse_norm,
+                           cfg.mse_steps, **kw)
+    if cfg.observer == 'lsq':
+        return MeanAbsObserver(**kw)
+    raise ValueError(f'unknown observer {cfg.observer!r}')
