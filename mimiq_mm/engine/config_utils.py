@@ -1,0 +1,44 @@
+"""Config helpers shared by tools/train.py and tools/test.py."""
+import copy
+
+DISTILLER_TYPES = ('MimiQDistiller', 'mimiq_mm.MimiQDistiller')
+#: Top-level config fields copied into ``model`` of a MimiQ config (so that
+#: ``--cfg-options teacher_checkpoint=... quant_cfg.act.bits=3`` reach the distiller).
+TOP_LEVEL_MODEL_FIELDS = ('teacher_checkpoint', 'quant_cfg')
+
+
+def is_mimiq_config(cfg) -> bool:
+    model = cfg.get('model', None)
+    return isinstance(model, dict) and model.get('type') in DISTILLER_TYPES
+
+
+def apply_mimiq_fields(cfg):
+    """Copy the top-level ``teacher_checkpoint`` / ``quant_cfg`` into ``cfg.model`` (in
+    place) for MimiQ configs; other configs are returned untouched."""
+    if not is_mimiq_config(cfg):
+        return cfg
+    for key in TOP_LEVEL_MODEL_FIELDS:
+        if key in cfg:
+            cfg.model[key] = copy.deepcopy(cfg[key])
+    return cfg
+
+
+def wrap_teacher_metrics(evaluator_cfg):
+    """``evaluator`` -> ``[evaluator..., TeacherMetric(evaluator)...]``."""
+    metrics = evaluator_cfg if isinstance(evaluator_cfg, (list, tuple)) else [evaluator_cfg]
+    metrics = [copy.deepcopy(m) for m in metrics]
+    return metrics + [dict(type='mimiq_mm.TeacherMetric', metric=copy.deepcopy(m))
+                      for m in metrics]
+
+
+def build_runner(cfg):
+    """``Runner.from_cfg(cfg)`` (or ``RUNNERS.build`` with ``runner_type``) after importing
+    every mimiq_mm module a config may name."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    import mimiq_mm.datasets  # noqa: F401
+    import mimiq_mm.engine  # noqa: F401
+    import mimiq_mm.models  # noqa: F401
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)

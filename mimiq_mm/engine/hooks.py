@@ -1,0 +1,202 @@
+"""Hooks of the MimiQ fine-tuning run (stage 5).
+
+* :class:`MimiQSynthesisHook` — generates the synthetic training set when it is missing or
+  unfinished, before the train dataloader is built (hook point
+  ``before_build_train_dataloader``, called by :class:`MimiQIterBasedTrainLoop`).
+* :class:`MimiQCalibrationHook` — calibrates the student's quantizers on N synthetic
+  batches before the first train step; skipped when every quantizer is already initialised
+  (resume, or ``load_from`` a MimiQ checkpoint: the quantizer state lives in buffers /
+  parameters and so in the checkpoint).
+"""
+import glob
+import json
+import math
+import os
+import os.path as osp
+import time
+from typing import Optional
+
+import torch
+from mmengine import dist
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from mimiq_mm.registry import HOOKS
+
+SYNTH_POLL_SECONDS = 10.0
+
+
+def synthetic_set_complete(data_root: str, num_images: Optional[int] = None) -> bool:
+    """True when ``data_root`` holds a finished synthetic set (manifest + all batches).
+
+    A batch is finished when its ``batches/*.json`` exists (see docs/INTERFACES.md).
+    """
+    manifest = osp.join(data_root, 'manifest.json')
+    if not osp.isfile(manifest):
+        return False
+    try:
+        with open(manifest) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    cfg = meta.get('config', {}) if isinstance(meta, dict) else {}
+    total = num_images or cfg.get('num_images')
+    batch = cfg.get('batch_size')
+    done = len(glob.glob(osp.join(data_root, 'batches', '*.json')))
+    if total and batch:
+        return done >= math.ceil(int(total) / int(batch))
+    return done > 0
+
+
+def _dataset_root(dataloader_cfg) -> Optional[str]:
+    dataset = dataloader_cfg.get('dataset', {}) if isinstance(dataloader_cfg, dict) else {}
+    while isinstance(dataset, dict) and 'dataset' in dataset:  # RepeatDataset & co.
+        dataset = dataset['dataset']
+    return dataset.get('data_root') if isinstance(dataset, dict) else None
+
+
+@HOOKS.register_module()
+class MimiQSynthesisHook(Hook):
+    """Run :func:`mimiq_mm.synthesis.synthesize` with the teacher when the set is missing.
+
+    Args:
+        synthesis: settings for ``synthesize`` (``SynthesisConfig`` fields); default: the
+            config's top-level ``synthesis`` dict.
+        data_root: output folder; default: ``data_root`` of the train dataset.
+        wait_timeout: seconds the non-zero ranks wait for rank 0's synthesis (file polling,
+            so NCCL's barrier timeout is not hit by a long synthesis).
+
+    Rank 0 synthesizes (``synthesize`` resumes an unfinished folder); other ranks poll the
+    folder until it is complete, then all ranks meet at a barrier.
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self, synthesis: Optional[dict] = None, data_root: Optional[str] = None,
+                 wait_timeout: float = 7 * 24 * 3600.0):
+        if synthesis is not None and not isinstance(synthesis, dict):
+            raise TypeError(f'synthesis must be a dict of SynthesisConfig fields, got '
+                            f'{type(synthesis).__name__}')
+        self.synthesis = synthesis
+        self.data_root = data_root
+        self.wait_timeout = float(wait_timeout)
+
+    def _settings(self, runner) -> dict:
+        if self.synthesis is not None:
+            return dict(self.synthesis)
+        cfg = getattr(runner, 'cfg', None)
+        synth = cfg.get('synthesis', None) if cfg is not None else None
+        if synth is None:
+            raise ValueError('MimiQSynthesisHook has no synthesis settings: give '
+                             'MimiQSynthesisHook(synthesis=dict(...)) or a top-level '
+                             '`synthesis = dict(...)` in the config.')
+        return dict(synth)
+
+    def ensure_synthetic_data(self, runner, data_root: Optional[str] = None) -> str:
+        from mimiq_mm.models import unwrap_distiller
+        root = self.data_root or data_root
+        if not root:
+            raise ValueError('MimiQSynthesisHook cannot tell where the synthetic set goes: '
+                             'set train_dataloader.dataset.data_root or '
+                             'MimiQSynthesisHook(data_root=...).')
+        settings = self._settings(runner)
+        if synthetic_set_complete(root, settings.get('num_images')):
+            print_log(f'Synthetic set found at {root}; skipping synthesis.', logger='current')
+            return root
+        if dist.is_main_process():
+            model = unwrap_distiller(runner.model)
+            if model is None:
+                raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
+                                'teacher generates the images).')
+            from mimiq_mm.synthesis import synthesize
+            print_log(f'Synthesizing the training set into {root} ...', logger='current')
+            os.makedirs(root, exist_ok=True)
+            synthesize(model.teacher, root, settings)
+        else:
+            start = time.time()
+            while not synthetic_set_complete(root, settings.get('num_images')):
+                if time.time() - start > self.wait_timeout:
+                    raise TimeoutError(f'rank {dist.get_rank()} waited {self.wait_timeout}s '
+                                       f'for the synthetic set at {root}')
+                time.sleep(SYNTH_POLL_SECONDS)
+        dist.barrier()
+        return root
+
+    # custom hook point, called by MimiQIterBasedTrainLoop before building the dataloader
+    def before_build_train_dataloader(self, runner, dataloader_cfg=None) -> None:
+        self.ensure_synthetic_data(runner, _dataset_root(dataloader_cfg or {}))
+
+    def before_train(self, runner) -> None:
+        root = self.data_root or _dataset_root(runner.cfg.get('train_dataloader', {}))
+        if root and not synthetic_set_complete(root):
+            raise RuntimeError(f'The synthetic set at {root} is missing. Use '
+                               "train_cfg=dict(type='mimiq_mm.MimiQIterBasedTrainLoop', ...) so "
+                               'MimiQSynthesisHook can create it before the dataloader is '
+                               'built, or run tools/generate.py first.')
+
+
+def student_quantizers(model):
+    from mimiq_mm.quant.quantizers import Quantizer
+    return [m for m in model.student.modules() if isinstance(m, Quantizer)]
+
+
+@HOOKS.register_module()
+class MimiQCalibrationHook(Hook):
+    """Calibrate the student's quantizers before the first training step.
+
+    Args:
+        num_batches: synthetic batches to observe.
+        dataloader: optional dataloader config for calibration (default: the train
+            dataloader; a fresh iterator, so the training data order is unaffected).
+        force: calibrate even when every quantizer is already initialised.
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self, num_batches: int = 8, dataloader: Optional[dict] = None,
+                 force: bool = False):
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f'num_batches must be a positive int, got {num_batches!r}')
+        self.num_batches = num_batches
+        self.dataloader = dataloader
+        self.force = force
+
+    def before_train(self, runner) -> None:
+        from mimiq_mm.models import unwrap_distiller
+        model = unwrap_distiller(runner.model)
+        if model is None:
+            raise TypeError('MimiQCalibrationHook needs a MimiQDistiller model, got '
+                            f'{type(runner.model).__name__}')
+        quantizers = student_quantizers(model)
+        if not quantizers:
+            raise RuntimeError('The student has no quantizers: was quantize_ applied?')
+        if not self.force and all(q.is_initialized for q in quantizers):
+            print_log(f'All {len(quantizers)} quantizers are initialised (resumed or loaded); '
+                      'skipping calibration.', logger='current')
+            return
+        loader = runner.train_dataloader
+        if self.dataloader is not None:
+            loader = runner.build_dataloader(self.dataloader, seed=runner.seed)
+        self.calibrate(model, loader, self.num_batches)
+        if dist.get_world_size() > 1:  # every rank starts from rank 0's quantizers
+            state = [{k: v.cpu() for k, v in model.student.state_dict().items()}]
+            dist.broadcast_object_list(state, src=0)
+            model.student.load_state_dict(state[0])
+        n_init = sum(q.is_initialized for q in quantizers)
+        print_log(f'Calibrated {n_init}/{len(quantizers)} quantizers on {self.num_batches} '
+                  'synthetic batches.', logger='current')
+
+    @staticmethod
+    @torch.no_grad()
+    def calibrate(model, loader, num_batches: int) -> None:
+        """Observe ``num_batches`` batches of ``loader`` through the student's loss path
+        (the student's forward runs in float while the observers collect statistics)."""
+        from mimiq_mm.quant import calibration_mode
+        seen = 0
+        with calibration_mode(model.student):
+            for batch in loader:
+                data = model.data_preprocessor(batch, True)
+                model.loss(**data)
+                seen += 1
+                if seen >= num_batches:
+                    break
+        if seen == 0:
+            raise RuntimeError('Calibration saw no batch: the dataloader is empty.')
