@@ -85,8 +85,15 @@ def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min
     zero_point = _broadcast(zero_point, x, axis)
     inv_scale = 1.0 / scale
     rounded = round_ste(x * inv_scale) if ste else torch.round(x * inv_scale)
-    q = torch.clamp(rounded + zero_point, quant_min, quant_max)
+    q = clamp_inclusive(rounded + zero_point, quant_min, quant_max)
     return (q - zero_point) * scale
+
+
+def clamp_inclusive(q: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """``torch.clamp`` whose gradient is 1 on the closed interval ``[quant_min, quant_max]``
+    (torch.clamp gives 0 at the bounds; torch's fake-quant and LSQ count them as inside)."""
+    inside = (q >= quant_min) & (q <= quant_max)
+    return torch.where(inside, q, q.detach().clamp(quant_min, quant_max))
 
 
 def lsq_grad_scale(numel: int, quant_max: int) -> float:

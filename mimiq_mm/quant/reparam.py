@@ -39,9 +39,11 @@ _LIBRARY_BLOCKS = (
      (NormLinearPair('norm1', ('attn.w_msa.qkv',)), NormLinearPair('norm2', ('ffn.layers.0.0',)))),
     ('mmseg.models.backbones.swin', 'SwinBlock',
      (NormLinearPair('norm1', ('attn.w_msa.qkv',)), NormLinearPair('norm2', ('ffn.layers.0.0',)))),
-    # mmseg ViT: attention is nn.MultiheadAttention (in-projection is not a Linear): FFN only.
+    # mmseg ViT: mmcv MultiheadAttention wraps nn.MultiheadAttention, whose packed
+    # in-projection is the Linear ``in_proj`` once mimiq_mm.attention has adapted it.
     ('mmseg.models.backbones.vit', 'TransformerEncoderLayer',
-     (NormLinearPair('norm2', ('ffn.layers.0.0',)),)),
+     (NormLinearPair('norm1', ('attn.attn.in_proj',)),
+      NormLinearPair('norm2', ('ffn.layers.0.0',)))),
     ('timm.models.vision_transformer', 'Block',
      (NormLinearPair('norm1', ('attn.qkv',)), NormLinearPair('norm2', ('mlp.fc1',)))),
     ('timm.models.swin_transformer', 'SwinTransformerBlock',
