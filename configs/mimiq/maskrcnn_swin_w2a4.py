@@ -1,0 +1,4 @@
+# MimiQ W2/A4 Mask R-CNN Swin-T: the W4/A4 recipe with other bit widths.
+_base_ = ['./maskrcnn_swin_w4a4.py']
+quant_cfg = dict(weight=dict(bits=2), act=dict(bits=4), attn_prob=dict(bits=4))
+model = dict(quant_cfg=quant_cfg)
