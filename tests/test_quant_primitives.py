@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from mimiq_mm.quant.primitives import (RoundSTE, choose_qparams, fake_quantize_affine,
-                                       fake_quantize_log, lsq_fake_quantize, lsq_grad_scale,
-                                       lsq_init_step, quant_range, round_ste, scale_grad,
-                                       tensor_min_max)
+                                       fake_quantize_affine_fused, fake_quantize_log,
+                                       lsq_fake_quantize, lsq_fake_quantize_reference,
+                                       lsq_grad_scale, lsq_init_step, quant_range, round_ste,
+                                       scale_grad, tensor_min_max)
 
 BITS = list(range(2, 9))
 
@@ -105,7 +106,7 @@ def test_lsq_step_gradient_matches_torch_learnable_op(bits):
     qmin, qmax = quant_range(bits, signed=True)
     g = lsq_grad_scale(x.numel(), qmax)
     step = torch.tensor([0.3], requires_grad=True)
-    out = lsq_fake_quantize(x, step, torch.tensor(0.0), qmin, qmax)
+    out = lsq_fake_quantize_reference(x, step, torch.tensor(0.0), qmin, qmax)
     w = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
     (out * w).sum().backward()
 
@@ -124,7 +125,7 @@ def test_lsq_gradient_scale_is_one_over_sqrt_n_qmax():
     plain = torch.tensor(0.4, requires_grad=True)
     fake_quantize_affine(x, plain, zp, qmin, qmax).sum().backward()
     lsq = torch.tensor(0.4, requires_grad=True)
-    lsq_fake_quantize(x, lsq, zp, qmin, qmax).sum().backward()
+    lsq_fake_quantize_reference(x, lsq, zp, qmin, qmax).sum().backward()
     expected = 1.0 / math.sqrt(x.numel() * qmax)
     assert lsq_grad_scale(x.numel(), qmax) == pytest.approx(expected)
     assert plain.grad.abs() > 0
@@ -137,12 +138,47 @@ def test_lsq_per_channel_gradient_uses_elements_per_channel():
     x = _data(4, shape=(3, 40))
     qmin, qmax = quant_range(4, signed=True)
     step = torch.full((3,), 0.5, requires_grad=True)
-    lsq_fake_quantize(x, step, torch.zeros(3), qmin, qmax, axis=0).sum().backward()
+    lsq_fake_quantize_reference(x, step, torch.zeros(3), qmin, qmax, axis=0).sum().backward()
     ref_scale = torch.full((3,), 0.5, requires_grad=True)
     torch._fake_quantize_learnable_per_channel_affine(
         x, ref_scale, torch.zeros(3), 0, qmin, qmax,
         lsq_grad_scale(x.shape[1], qmax)).sum().backward()
     torch.testing.assert_close(step.grad, ref_scale.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('axis', [None, 0])
+@pytest.mark.parametrize('signed', [True, False])
+def test_fused_paths_equal_reference(axis, signed):
+    x = _data(5, shape=(4, 30)).requires_grad_(True)
+    qmin, qmax = quant_range(4, signed)
+    shape = () if axis is None else (4,)
+    zp = torch.full(shape, 0.0 if signed else 3.0)
+    w = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    grads = []
+    for fn in (lsq_fake_quantize, lsq_fake_quantize_reference):
+        step = torch.full(shape, 0.35, requires_grad=True)
+        x.grad = None
+        out = fn(x, step, zp, qmin, qmax, axis=axis)
+        (out * w).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), step.grad.clone()))
+    (o1, gx1, gs1), (o2, gx2, gs2) = grads
+    torch.testing.assert_close(o1, o2, atol=0, rtol=0)
+    torch.testing.assert_close(gx1, gx2, atol=1e-7, rtol=1e-6)  # inv_scale*scale != 1 in fp
+    torch.testing.assert_close(gs1, gs2, rtol=1e-4, atol=1e-6)
+    # fixed-scale fused path
+    scale = torch.full(shape, 0.35)
+    x.grad = None
+    fused = fake_quantize_affine_fused(x, scale, zp, qmin, qmax, axis=axis)
+    fused.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = fake_quantize_affine(x_ref, scale, zp, qmin, qmax, axis=axis)
+    ref.sum().backward()
+    torch.testing.assert_close(fused, ref, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
+    # non-float32 inputs fall back to the reference
+    half = fake_quantize_affine_fused(x.detach().double(), scale.double(), zp.double(), qmin,
+                                      qmax, axis=axis)
+    torch.testing.assert_close(half.float(), ref, atol=0, rtol=0)
 
 
 def test_lsq_init_step():

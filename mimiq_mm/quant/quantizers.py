@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import QuantizerConfig
 from .observers import build_observer
-from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine,
+from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine_fused,
                          fake_quantize_log, lsq_fake_quantize, lsq_init_step, quant_range)
 
 LOG_LEVELS_PER_OCTAVE = {'log2': 1, 'log_sqrt2': 2}
@@ -169,7 +169,7 @@ class Quantizer(nn.Module):
         zero_point = self.zero_point.to(x.dtype)
         if self.cfg.lsq:
             return lsq_fake_quantize(x, qparam, zero_point, qmin, qmax, axis=self.ch_axis)
-        return fake_quantize_affine(x, qparam, zero_point, qmin, qmax, axis=self.ch_axis)
+        return fake_quantize_affine_fused(x, qparam, zero_point, qmin, qmax, axis=self.ch_axis)
 
     def extra_repr(self) -> str:
         c = self.cfg
