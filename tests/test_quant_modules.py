@@ -267,11 +267,12 @@ def test_reparam_keeps_timm_vit_and_swin_blocks():
     from timm.models.swin_transformer import SwinTransformerBlock
     from timm.models.vision_transformer import Block
 
-    vit = Block(dim=32, num_heads=2).eval()
+    # float64 so that "the same function" can be checked tightly despite the huge channels
+    vit = Block(dim=32, num_heads=2).eval().double()
     swin = SwinTransformerBlock(dim=32, input_resolution=(6, 6), num_heads=2, window_size=4,
-                                shift_size=2).eval()
-    for block, x in ((vit, torch.randn(2, 10, 32, generator=_gen(20))),
-                     (swin, torch.randn(2, 6, 6, 32, generator=_gen(21)))):
+                                shift_size=2).eval().double()
+    for block, x in ((vit, torch.randn(2, 10, 32, generator=_gen(20), dtype=torch.float64)),
+                     (swin, torch.randn(2, 6, 6, 32, generator=_gen(21), dtype=torch.float64))):
         pairs = list(find_reparam_pairs(block))
         assert [p.linear_names for p in pairs] == [('attn.qkv',), ('mlp.fc1',)]
         for i, p in enumerate(pairs):
@@ -279,21 +280,21 @@ def test_reparam_keeps_timm_vit_and_swin_blocks():
         ref = block(x)
         for i, p in enumerate(pairs):
             reparam_layernorm_linear_(p.norm, p.linears, _random_factor(32, 40 + i))
-        torch.testing.assert_close(block(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(block(x), ref, rtol=1e-9, atol=1e-9)
 
 
 def test_reparam_keeps_mmdet_swin_block_with_padding():
     from mmdet.models.backbones.swin import SwinBlock
 
     block = SwinBlock(embed_dims=32, num_heads=2, feedforward_channels=64, window_size=4,
-                      shift=True).eval()
+                      shift=True).eval().double()
     pairs = list(find_reparam_pairs(block))
     assert [p.linear_names for p in pairs] == [('attn.w_msa.qkv',), ('ffn.layers.0.0',)]
     for i, p in enumerate(pairs):
         _set_big_norm_channels(p.norm, 50 + i)
     hw = (6, 7)  # not a multiple of the window: ShiftWindowMSA pads the LayerNorm output
-    x = torch.randn(2, hw[0] * hw[1], 32, generator=_gen(22))
+    x = torch.randn(2, hw[0] * hw[1], 32, generator=_gen(22), dtype=torch.float64)
     ref = block(x, hw)
     for i, p in enumerate(pairs):
         reparam_layernorm_linear_(p.norm, p.linears, _random_factor(32, 60 + i))
-    torch.testing.assert_close(block(x, hw), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block(x, hw), ref, rtol=1e-9, atol=1e-9)
