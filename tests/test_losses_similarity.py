@@ -128,3 +128,22 @@ def test_tv_matches_hand_computation():
     assert total_variation_l2(torch.full((2, 3, 5, 4), 0.3)).item() == 0
     with pytest.raises(ValueError, match='reduction'):
         total_variation_l2(x, reduction='sum')
+
+
+def test_lsim_masked_keys_map_to_zero_and_stay_finite():
+    """Swin's -100 shift mask and -inf masks: masked keys are 0 and do not set the row min."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[:3, 3:] = True
+    mask[3:, :3] = True
+    reference = logits.clone()
+    visible_min = logits.masked_fill(mask, float('inf')).amin(-1, keepdim=True)
+    reference = torch.where(mask, visible_min.expand_as(reference), reference)
+    expected = _loop_loss([_Rec(reference)])
+    for fill in (-100.0, float('-inf')):
+        masked = (logits + torch.zeros_like(logits).masked_fill(mask, fill)).requires_grad_(True)
+        loss = inter_head_similarity_loss([masked])
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        loss.backward()
+        assert torch.isfinite(masked.grad).all()

@@ -2,7 +2,7 @@
 
 For every attention layer the pre-softmax logits ``A`` of shape ``(B', H, Nq, Nk)`` are taken
 (class/register tokens dropped), every query row ``A[b, h, n, :]`` is min-max normalised to
-[0, 1], and the rows of every pair of heads ``(i, j)`` for the same query are compared with
+[0, 1] (masked keys, e.g. Swin's shifted-window mask, map to 0), and the rows of every pair of heads ``(i, j)`` for the same query are compared with
 SSIM computed from *global* statistics of the whole map::
 
     SSIM_ij = (2 mu_i mu_j + C1) (2 sigma_ij + C2) / ((mu_i^2 + mu_j^2 + C1) (sigma_i^2 + sigma_j^2 + C2))
@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    'SSIM_C1', 'SSIM_C2', 'DEFAULT_MAX_CHUNK_ELEMENTS', 'minmax_normalize_rows',
+    'SSIM_C1', 'SSIM_C2', 'MASK_MARGIN', 'DEFAULT_MAX_CHUNK_ELEMENTS', 'minmax_normalize_rows',
     'attention_ssim_matrix', 'inter_head_similarity_loss', 'mean_inter_head_ssim',
 ]
 
@@ -35,14 +35,25 @@ SSIM_C1 = 0.01 ** 2
 SSIM_C2 = 0.03 ** 2
 #: Guard against division by zero when a row is constant (max == min).
 MINMAX_EPS = 1e-8
+#: Keys this far (in logits) below the row maximum count as masked (see minmax_normalize_rows).
+MASK_MARGIN = 50.0
 #: Above this many elements per (B', H, Nq, Nk) tensor, queries are processed in chunks.
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25
 
 
-def minmax_normalize_rows(logits: Tensor, eps: float = MINMAX_EPS) -> Tensor:
-    """Min-max normalise the last axis of ``logits`` to [0, 1] (constant rows become 0)."""
-    low = logits.amin(dim=-1, keepdim=True)
+def minmax_normalize_rows(logits: Tensor, eps: float = MINMAX_EPS,
+                          mask_margin: float = MASK_MARGIN) -> Tensor:
+    """Min-max normalise the last axis of ``logits`` to [0, 1] (constant rows become 0).
+
+    Keys whose logit is more than ``mask_margin`` below the row maximum (attention weight
+    below ``exp(-mask_margin)`` of the top key: Swin's -100 shift mask, ``-inf`` masks) are
+    masked: they map to 0 and do not set the row minimum, so the visible keys keep the full
+    [0, 1] range.
+    """
     high = logits.amax(dim=-1, keepdim=True)
+    masked = logits < high - mask_margin
+    low = logits.masked_fill(masked, float('inf')).amin(dim=-1, keepdim=True)
+    logits = torch.where(masked, low, logits)
     return (logits - low) / (high - low).clamp_min(eps)
 
 
