@@ -11,7 +11,7 @@ from torch import nn
 
 from mimiq_mm.attention import (AttentionAdapter, AttentionRecord, AttentionRecorder,
                                 adapt_attention_, find_attention_modules, is_adapted,
-                                register_adapter)
+                                register_adapter, restore_attention_)
 from mimiq_mm.attention.adapter import _SINKS
 
 ATOL = 1e-5  # fp32
@@ -236,6 +236,7 @@ def _check_model(model, run, expected_classes, num_attention, prefix_tokens, gri
     with torch.no_grad():
         before = run(model)
     original = {n: type(m) for n, m in find_attention_modules(model).items()}
+    keys = list(model.state_dict())
     adapt_attention_(model)
     attention = find_attention_modules(model)
     assert len(attention) == num_attention
@@ -252,6 +253,9 @@ def _check_model(model, run, expected_classes, num_attention, prefix_tokens, gri
     assert {r.num_prefix_tokens for r in rec.records} == {prefix_tokens}
     if grid is not None:
         assert rec.records[0].grid == grid
+    restored = restore_attention_(copy.deepcopy(model))
+    assert {n: type(m) for n, m in find_attention_modules(restored).items()} == original
+    assert list(restored.state_dict()) == keys
     return rec
 
 
@@ -261,7 +265,8 @@ def test_mmdet_mask_rcnn_swin():
     x = torch.randn(1, 3, 60, 92)  # non-square, not a multiple of window*patch: padding
 
     def run(m):
-        return list(m.backbone(x)) + list(m.neck(m.backbone(x)))
+        feats = m.backbone(x)
+        return list(feats) + list(m.neck(feats))
 
     rec = _check_model(model, run, {'WindowMSA'}, 8, 0, (7, 7))
     # stage 1: 15x23 tokens padded to 21x28 -> 3x4 windows of 7x7 = 12 windows, 2 heads
