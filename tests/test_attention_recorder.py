@@ -292,6 +292,26 @@ def test_mmseg_upernet_vit():
     assert rec.records[0].logits.shape[-2:] == (16, 16)  # cls + 15 patches
 
 
+@pytest.mark.parametrize('with_cls_token', [True, False])
+def test_mmseg_vit_prefix_tokens_and_override(with_cls_token):
+    from mmseg.models.backbones import VisionTransformer
+    backbone = VisionTransformer(img_size=(32, 32), patch_size=8, embed_dims=32, num_layers=1,
+                                 num_heads=2, with_cls_token=with_cls_token, out_indices=-1,
+                                 init_cfg=None)
+    adapt_attention_(backbone)
+    x = torch.randn(1, 3, 24, 40)  # 3x5 patches
+    with AttentionRecorder(backbone) as rec:
+        backbone(x)
+    (record, ) = rec.records
+    assert record.name == 'layers.0.attn.attn'
+    assert record.num_prefix_tokens == int(with_cls_token)
+    assert record.logits.shape[-1] == 15 + int(with_cls_token) and record.grid == (3, 5)
+    adapt_attention_(backbone, num_prefix_tokens=3)  # explicit value wins (re-adapt: no-op)
+    with AttentionRecorder(backbone) as rec:
+        backbone(x)
+    assert rec.records[0].num_prefix_tokens == 3 and rec.records[0].grid is None  # 3+15 != N
+
+
 def test_timm_vit():
     from mimiq_mm.testing import tiny_timm_vit
     model = tiny_timm_vit()
@@ -353,3 +373,15 @@ def test_custom_backbone_doc_example():
         torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=0)
     assert [r.name for r in rec.records] == ['0', '2']
     assert rec.records[0].logits.shape == (2, 4, 6, 6)
+
+    # ... and quantize_ quantizes both products of the user's attention, recorder unchanged
+    from mimiq_mm.quant import QuantMatMul, calibration_mode, quantize_
+    quantize_(model)
+    assert isinstance(model[0].qk_matmul, QuantMatMul)
+    assert isinstance(model[0].av_matmul, QuantMatMul)
+    with calibration_mode(model):
+        model(x)
+    with AttentionRecorder(model) as rec:
+        model(x)
+    assert [r.name for r in rec.records] == ['0', '2']
+    assert torch.isfinite(rec.records[1].output).all()
