@@ -319,6 +319,19 @@ def test_register_adapter_validates():
         register_adapter()
 
 
+def test_pickle_round_trip_of_adapted_model():
+    import pickle
+    model = nn.Sequential(_randomize_(_timm_attention()), nn.MultiheadAttention(32, 4)).eval()
+    adapt_attention_(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone[0]) is type(model[0]) and is_adapted(clone[1])
+    x = torch.randn(1, 4, 32)
+    torch.testing.assert_close(clone[0](x), model[0](x), atol=0, rtol=0)
+    assert list(clone.state_dict()) == list(model.state_dict())
+    restore_attention_(clone)
+    assert type(clone[1]) is nn.MultiheadAttention
+
+
 def test_deepcopy_of_adapted_model():
     model = nn.Sequential(_randomize_(_timm_attention())).eval()
     adapt_attention_(model)

@@ -96,6 +96,15 @@ class AttentionAdapter:
             if type(getattr(self, child, None)) is not _matmul_class()
         ]
 
+    def __reduce_ex__(self, protocol):
+        # adapted classes are created at run time and share the original's qualified name:
+        # pickle them as "adapt this original class with this adapter" plus the state
+        cls = type(self)
+        if cls._mimiq_original_class is None:
+            return super().__reduce_ex__(protocol)
+        return (_rebuild_adapted, (cls._mimiq_adapter, cls._mimiq_original_class),
+                self.__getstate__())
+
     def record_attention(self,
                          logits: torch.Tensor,
                          output: torch.Tensor,
@@ -250,6 +259,12 @@ def _adapted_class(adapter: type, original: type) -> type:
         })
         _ADAPTED_CLASSES[key] = cls
     return cls
+
+
+def _rebuild_adapted(adapter: type, original: type) -> nn.Module:
+    """Unpickling helper: an empty instance of the adapted class (state is set afterwards)."""
+    cls = _adapted_class(adapter, original)
+    return cls.__new__(cls)
 
 
 def _infer_num_prefix_tokens(model: nn.Module, name: str) -> int:
