@@ -88,9 +88,9 @@ class AttentionRecorder:
                             f'write names=[{names!r}]')
         self.model = _unwrap(model)
         self.detach = bool(detach)
-        attention = find_attention_modules(self.model)
-        adapted = {name: m for name, m in attention.items() if is_adapted(m)}
+        adapted = {name: m for name, m in self.model.named_modules() if is_adapted(m)}
         if not adapted:
+            attention = find_attention_modules(self.model)
             found = f' (it has attention modules: {sorted(attention)})' if attention else ''
             raise RuntimeError(
                 f'AttentionRecorder: {type(self.model).__name__} has no adapted attention '
