@@ -115,3 +115,154 @@ def test_task_kd_losses_zero_when_equal_positive_otherwise():
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     assert float(roi_mask_kd_loss(masks, masks.clone(), labels)) == pytest.approx(0, abs=1e-6)
     assert float(roi_mask_kd_loss(masks, masks - 1, labels)) > 0
+
+
+# ---------------------------------------------------------------------------------------
+# MimiQDistiller on tiny real models
+# ---------------------------------------------------------------------------------------
+import copy  # noqa: E402
+
+
+def _save_teacher(model_cfg, scope, path):
+    from mimiq_mm.testing import build_model_from_cfg
+    torch.manual_seed(0)
+    model = build_model_from_cfg(model_cfg, scope)
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, str(path))
+    return model
+
+
+def _det_batch(num_images=2, size=64):
+    from mmdet.structures import DetDataSample
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 255, (3, size, size), generator=g).float()
+              for _ in range(num_images)]
+    samples = []
+    for i in range(num_images):
+        s = DetDataSample()
+        s.set_metainfo(dict(img_id=i, img_shape=(size, size), ori_shape=(size, size),
+                            scale_factor=(1.0, 1.0)))
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def _seg_batch(num_images=2, size=64):
+    from mmseg.structures import SegDataSample
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 255, (3, size, size), generator=g).float()
+              for _ in range(num_images)]
+    samples = []
+    for i in range(num_images):
+        s = SegDataSample()
+        s.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size)))
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def _build_distiller(model_cfg, ckpt, **kwargs):
+    from mimiq_mm.models import MimiQDistiller
+    quant = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4))
+    return MimiQDistiller(teacher=copy.deepcopy(model_cfg), teacher_checkpoint=str(ckpt),
+                          quant_cfg=quant, **kwargs)
+
+
+def _calibrate(distiller, batch):
+    from mimiq_mm.engine import MimiQCalibrationHook
+    MimiQCalibrationHook.calibrate(distiller, [batch], 1)
+
+
+def _check_losses(distiller, batch, expected_keys):
+    from mimiq_mm.quant import set_quant_state
+    _calibrate(distiller, batch)
+    data = distiller.data_preprocessor(copy.deepcopy(batch), True)
+    losses = distiller.loss(**data)
+    assert set(expected_keys) <= set(losses), sorted(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and float(total) > 0
+    total.backward()
+    student_grads = [p.grad for p in distiller.student.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in student_grads)
+    assert all(p.grad is None and not p.requires_grad for p in distiller.teacher.parameters())
+    # the teacher is invisible to the optimizer and the checkpoints
+    own = {id(p) for p in distiller.parameters()}
+    assert not own & {id(p) for p in distiller.teacher.parameters()}
+    assert all(k.startswith(('student.', 'data_preprocessor.'))
+               for k in distiller.state_dict())
+    # fake-quant off -> the student IS the teacher: every term vanishes
+    set_quant_state(distiller.student, weight=False, act=False)
+    distiller.student.eval()
+    with torch.no_grad():
+        zero = distiller.loss(**distiller.data_preprocessor(copy.deepcopy(batch), True))
+    for key, value in zero.items():
+        assert abs(float(value)) < 1e-4, (key, float(value))
+    return losses
+
+
+def test_distiller_mask_rcnn_losses_and_predict(tmp_path):
+    from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
+    cfg = tiny_maskrcnn_swin_cfg()
+    _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
+    d = _build_distiller(cfg.model, tmp_path / 't.pth', eval_teacher=True)
+    assert d.task == 'two_stage'
+    batch = _det_batch()
+    _check_losses(d, batch, ['loss_hsad', 'loss_kd_feat', 'loss_kd_rpn_cls', 'loss_kd_rpn_reg',
+                             'loss_kd_roi_cls', 'loss_kd_roi_reg', 'loss_kd_roi_mask'])
+    d.eval()
+    with torch.no_grad():
+        out = d.val_step(copy.deepcopy(batch))
+    assert len(out) == 2 and 'pred_instances' in out[0]
+    assert 'teacher_pred_instances' in out[0]
+
+
+def test_distiller_cascade_mask_rcnn(tmp_path):
+    from mimiq_mm.testing import load_upstream_config, strip_pretrained, tiny_maskrcnn_swin_cfg
+    cfg = load_upstream_config('mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py')
+    tiny = tiny_maskrcnn_swin_cfg()
+    m = cfg.model
+    m.backbone = tiny.model.backbone
+    m.neck = tiny.model.neck
+    m.rpn_head.update(in_channels=32, feat_channels=32)
+    m.roi_head.bbox_roi_extractor.update(out_channels=32)
+    for head in m.roi_head.bbox_head:
+        head.update(in_channels=32, fc_out_channels=32, num_classes=3)
+    m.roi_head.mask_roi_extractor.update(out_channels=32)
+    m.roi_head.mask_head.update(in_channels=32, conv_out_channels=32, num_classes=3)
+    m.train_cfg.rpn_proposal.update(nms_pre=100, max_per_img=50)
+    m.test_cfg.rpn.update(nms_pre=100, max_per_img=50)
+    strip_pretrained(m)
+    _save_teacher(m, 'mmdet', tmp_path / 'c.pth')
+    d = _build_distiller(m, tmp_path / 'c.pth')
+    _check_losses(d, _det_batch(), ['loss_hsad', 'loss_kd_rpn_cls', 'loss_kd_roi_cls',
+                                    'loss_kd_roi_reg', 'loss_kd_roi_mask'])
+
+
+@pytest.mark.parametrize('name', ['upernet_swin', 'upernet_vit'])
+def test_distiller_upernet(tmp_path, name):
+    from mimiq_mm.testing import TINY_CONFIGS
+    cfg = TINY_CONFIGS[name]()
+    _save_teacher(cfg.model, 'mmseg', tmp_path / 't.pth')
+    d = _build_distiller(cfg.model, tmp_path / 't.pth', feat_source='backbone')
+    assert d.task == 'segmentor'
+    _check_losses(d, _seg_batch(), ['loss_hsad', 'loss_kd_feat', 'loss_kd_seg',
+                                    'loss_kd_seg_aux'])
+
+
+def test_teacher_checkpoint_errors(tmp_path):
+    from mimiq_mm.testing import tiny_upernet_swin_cfg
+    cfg = tiny_upernet_swin_cfg()
+    with pytest.raises(FileNotFoundError, match='teacher_checkpoint=.*nope.pth'):
+        _build_distiller(cfg.model, tmp_path / 'nope.pth')
+    from mimiq_mm.models import MimiQDistiller
+    with pytest.raises(ValueError, match='teacher_checkpoint is not set'):
+        MimiQDistiller(teacher=copy.deepcopy(cfg.model), teacher_checkpoint=None)
+    # a checkpoint of a different architecture (other number of classes)
+    other = tiny_upernet_swin_cfg(num_classes=7)
+    _save_teacher(other.model, 'mmseg', tmp_path / 'other.pth')
+    with pytest.raises(RuntimeError, match=r'other.pth.*does not match.*shape mismatches'):
+        _build_distiller(cfg.model, tmp_path / 'other.pth')
+    # missing keys
+    model = _save_teacher(cfg.model, 'mmseg', tmp_path / 'ok.pth')
+    state = model.state_dict()
+    state.pop(next(iter(state)))
+    torch.save({'state_dict': state}, str(tmp_path / 'partial.pth'))
+    with pytest.raises(RuntimeError, match='missing keys'):
+        _build_distiller(cfg.model, tmp_path / 'partial.pth')

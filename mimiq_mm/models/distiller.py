@@ -15,13 +15,13 @@ teacher is run too and its results are stored as ``teacher_pred_instances`` /
 evaluates them with any metric under its own prefix.
 """
 import copy
+import importlib
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
-from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
@@ -67,12 +67,13 @@ def build_task_model(cfg: dict, scope: Optional[str] = None) -> nn.Module:
         tried.append(cand)
         try:
             __import__(f'{cand}.models')  # registers the library's modules
-        except ImportError:
+            registry = importlib.import_module(f'{cand}.registry').MODELS
+        except (ImportError, AttributeError):
             continue
         with DefaultScope.overwrite_default_scope(cand):
-            if MMENGINE_MODELS.get(cfg['type']) is None:
+            if registry.get(cfg['type']) is None:
                 continue
-            return MMENGINE_MODELS.build(cfg)
+            return registry.build(cfg)
     raise KeyError(f"model type {cfg.get('type')!r} of the teacher config is not registered "
                    f'in any of the scopes {tried}; set teacher._scope_ (e.g. "mmdet") or '
                    'import the package that registers it (custom_imports).')
@@ -157,6 +158,7 @@ class MimiQDistiller(BaseModel):
                  reg_kind: str = 'smooth_l1',
                  num_mask_rois: int = 32,
                  eval_teacher: bool = False,
+                 student_train_mode: bool = False,
                  load_teacher: bool = True,
                  teacher_scope: Optional[str] = None,
                  data_preprocessor: Optional[Union[dict, nn.Module]] = None,
@@ -177,6 +179,12 @@ class MimiQDistiller(BaseModel):
             load_teacher_weights(teacher_model, teacher_checkpoint)
         if data_preprocessor is None:
             data_preprocessor = copy.deepcopy(getattr(teacher_model, 'data_preprocessor', None))
+            # Synthetic training images carry no ground truth: nothing to pad / augment.
+            for attr in ('pad_mask', 'pad_seg'):
+                if getattr(data_preprocessor, attr, False):
+                    setattr(data_preprocessor, attr, False)
+            if getattr(data_preprocessor, 'batch_augments', None) is not None:
+                data_preprocessor.batch_augments = None
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
 
         teacher_model.eval()
@@ -198,7 +206,6 @@ class MimiQDistiller(BaseModel):
         adapt_attention_(self.teacher.backbone if hasattr(self.teacher, 'backbone')
                          else self.teacher)
         self.student = student
-        self.student.train()
 
         self.gamma = float(gamma)
         self.hsad_kind = hsad_kind
@@ -210,6 +217,8 @@ class MimiQDistiller(BaseModel):
         self.reg_kind = reg_kind
         self.num_mask_rois = int(num_mask_rois)
         self.eval_teacher = eval_teacher
+        self.student_train_mode = bool(student_train_mode)
+        self.train(self.training)
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn, *args, **kwargs):
@@ -220,6 +229,8 @@ class MimiQDistiller(BaseModel):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
+        if not getattr(self, 'student_train_mode', True):
+            self.student.eval()
         return self
 
     def init_weights(self):
