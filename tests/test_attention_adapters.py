@@ -75,6 +75,33 @@ def test_window_attention_train_mode_dropout_same_rng():
     torch.testing.assert_close(module(x), expected, atol=ATOL, rtol=0)
 
 
+def _grads(module, loss_fn):
+    module.zero_grad()
+    loss_fn(module).backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize('family', ['mmdet', 'timm', 'mha'])
+def test_gradients_match_library(family):
+    """The student is trained through the adapted forward: parameter gradients must match."""
+    if family == 'mha':
+        module = _randomize_(nn.MultiheadAttention(32, 4, batch_first=True))
+        x = torch.randn(2, 6, 32)
+        loss = lambda m: m(x, x, x)[0].pow(2).sum()  # noqa: E731
+    else:
+        module = _randomize_(_window_modules()[family]())
+        x, mask = torch.randn(4, 12, 32), _shift_mask(2, 12)
+        loss = lambda m: m(x, mask).pow(2).sum()  # noqa: E731
+    module.eval()
+    expected = _grads(module, loss)
+    if family == 'mha':  # adapted parameter names: in_proj_weight -> in_proj.weight
+        expected = {n.replace('in_proj_', 'in_proj.'): g for n, g in expected.items()}
+    got = _grads(adapt_attention_(module), loss)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-5)
+
+
 def test_idempotent_and_restore_window():
     module = _randomize_(_window_modules()['timm']())
     original_class = type(module)
