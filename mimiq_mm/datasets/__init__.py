@@ -1,1 +1,4 @@
-"""mimiq_mm.datasets"""
+"""mimiq_mm.datasets: SyntheticImageDataset over a synthetic dataset folder."""
+from .synthetic import SyntheticImageDataset
+
+__all__ = ['SyntheticImageDataset']

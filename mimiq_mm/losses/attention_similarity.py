@@ -170,8 +170,13 @@ def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float
 
 
 @torch.no_grad()
-def mean_inter_head_ssim(records: Sequence, c1: float = SSIM_C1, c2: float = SSIM_C2) -> float:
-    """Mean SSIM over layers, queries and head pairs (i < j): a report of head agreement."""
+def mean_inter_head_ssim(records: Sequence, c1: float = SSIM_C1, c2: float = SSIM_C2,
+                         squared: bool = False) -> float:
+    """Mean SSIM over layers, queries and head pairs (i < j): a report of head agreement.
+
+    With ``squared=True`` the mean of SSIM^2 (= 1 - L_sim), which ignores the sign: L_sim
+    also rewards anti-correlated heads, so the plain mean can stay near 0 while L_sim falls.
+    """
     values = []
     for logits, prefix in _as_pairs(records):
         if logits.shape[1] < 2:
@@ -179,7 +184,8 @@ def mean_inter_head_ssim(records: Sequence, c1: float = SSIM_C1, c2: float = SSI
         ssim = attention_ssim_matrix(logits.detach(), prefix, c1, c2)
         heads = ssim.shape[-1]
         iu = torch.triu_indices(heads, heads, offset=1, device=ssim.device)
-        values.append(ssim[..., iu[0], iu[1]].mean())
+        pairs = ssim[..., iu[0], iu[1]]
+        values.append((pairs.pow(2) if squared else pairs).mean())
     if not values:
         raise ValueError('mean_inter_head_ssim needs attention records with at least 2 heads')
     return float(torch.stack(values).mean())

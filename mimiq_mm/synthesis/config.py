@@ -1,0 +1,136 @@
+"""Settings of a synthesis run (the ``synthesis=dict(...)`` block of a config), validated."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple, Union
+
+__all__ = ['SynthesisConfig', 'METHODS', 'TASK_LOSSES', 'RESUME_IGNORED_KEYS']
+
+METHODS = ('mimiq', 'gaussian', 'psaq', 'real')
+TASK_LOSSES = ('none', 'classifier', 'task')
+TV_REDUCTIONS = ('norm', 'mean')
+#: Settings that do not change the generated images: they may differ when a run resumes.
+RESUME_IGNORED_KEYS = frozenset({'device', 'compile', 'log_interval', 'figures',
+                                 'contact_sheet_max', 'figure_layer', 'progress',
+                                 'check_images_on_resume', 'max_chunk_elements'})
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """All knobs of :func:`mimiq_mm.synthesis.synthesize`.
+
+    Defaults are small enough for a CPU demo; the published MimiQ schedule is
+    ``iterations=2000, batch_size=16, num_images=10000`` (see ``configs/synthesis``).
+    """
+    method: str = 'mimiq'
+    num_images: int = 16
+    batch_size: int = 8
+    iterations: int = 50
+    image_size: Union[int, Tuple[int, int]] = (224, 224)   # (height, width)
+    seed: int = 0
+    # optimiser (AdamW + cosine from lr to lr_min)
+    lr: float = 0.1
+    lr_min: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-6
+    # L_gen = w_sim * L_sim + w_task * L_task + w_tv * TV
+    w_sim: float = 1.0
+    w_task: float = 1.0
+    w_tv: float = 2.5e-5
+    task_loss: str = 'none'
+    tv_reduction: str = 'norm'
+    task_topk: int = 100          # 'task' on detectors: top anchors / proposals per image
+    # augmentation each step
+    jitter: Tuple[int, int] = (8, 16)     # max roll (px) in the first / second half
+    noise_std: float = 0.05               # Gaussian noise (normalised units)
+    color_jitter: float = 0.1             # +-scale and +-shift per image and channel
+    # PSAQ-ViT baseline (patch-similarity entropy)
+    w_psaq: float = 1.0
+    psaq_bins: int = 64
+    psaq_bandwidth: float = 0.05
+    psaq_max_pairs: int = 4096
+    # 'real' baseline
+    real_root: Optional[str] = None
+    real_extensions: Tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+    # speed
+    bf16: bool = False
+    compile: bool = False
+    max_chunk_elements: int = 1 << 25
+    device: Optional[str] = None
+    # reporting
+    log_interval: int = 10
+    progress: bool = True
+    figures: bool = True
+    contact_sheet_max: int = 64
+    figure_layer: Union[int, str, None] = None
+    check_images_on_resume: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f'synthesis.method must be one of {METHODS}, got {self.method!r}')
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f'synthesis.task_loss must be one of {TASK_LOSSES}, '
+                             f'got {self.task_loss!r}')
+        if self.tv_reduction not in TV_REDUCTIONS:
+            raise ValueError(f'synthesis.tv_reduction must be one of {TV_REDUCTIONS}, '
+                             f'got {self.tv_reduction!r}')
+        for name in ('num_images', 'batch_size', 'log_interval', 'psaq_bins', 'psaq_max_pairs',
+                     'task_topk', 'max_chunk_elements'):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f'synthesis.{name} must be >= 1, got {getattr(self, name)}')
+        if self.iterations < 0:
+            raise ValueError(f'synthesis.iterations must be >= 0, got {self.iterations}')
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError('synthesis.image_size must be an int or (height, width), '
+                             f'got {self.image_size!r}')
+        object.__setattr__(self, 'image_size', size)
+        object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
+        object.__setattr__(self, 'jitter', tuple(int(j) for j in self.jitter))
+        object.__setattr__(self, 'real_extensions', tuple(self.real_extensions))
+        if len(self.jitter) != 2:
+            raise ValueError(f'synthesis.jitter must be (first_half, second_half), got {self.jitter}')
+        if self.method == 'real' and not self.real_root:
+            raise ValueError("synthesis.method='real' needs synthesis.real_root=<folder of "
+                             'images> (e.g. --cfg-options synthesis.real_root=data/coco/val2017)')
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    @classmethod
+    def from_dict(cls, cfg: Union[Mapping[str, Any], 'SynthesisConfig', None]) -> 'SynthesisConfig':
+        """Build from a mapping (unknown keys raise ``ValueError`` listing the valid ones)."""
+        if isinstance(cfg, cls):
+            return cfg
+        cfg = dict(cfg or {})
+        if 'synthesis' in cfg and isinstance(cfg['synthesis'], Mapping):
+            cfg = dict(cfg['synthesis'])
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise ValueError(f'unknown synthesis setting(s) {unknown}; valid: {sorted(valid)}')
+        for key in ('betas', 'jitter', 'image_size', 'real_extensions'):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = tuple(cfg[key])
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out['extra'] = dict(self.extra)
+        return _jsonable(out)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
