@@ -40,7 +40,7 @@ model = dict(
         anchor_generator=dict(scales=[4])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=neck_channels),
-        bbox_head=dict(in_channels=neck_channels, fc_out_channels=256,
+        bbox_head=dict(in_channels=neck_channels, fc_out_channels=128,
                        num_classes=num_classes),
         mask_roi_extractor=dict(out_channels=neck_channels),
         mask_head=dict(in_channels=neck_channels, conv_out_channels=neck_channels,
