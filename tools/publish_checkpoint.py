@@ -1,0 +1,48 @@
+"""Strip an mmengine checkpoint to what a user needs (weights + dataset meta) and record its
+sha256, e.g. to ship the demo teachers:
+
+    python tools/publish_checkpoint.py work_dirs/x/iter_2000.pth checkpoints/demo/x.pth
+"""
+import argparse
+import hashlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mimiq_mm  # noqa: E402,F401  (weights_only allow-list for mmengine checkpoints)
+
+
+def sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('src')
+    parser.add_argument('dst')
+    args = parser.parse_args(argv)
+    ckpt = torch.load(args.src, map_location='cpu')
+    meta = ckpt.get('meta', {})
+    out = dict(state_dict={k: v.contiguous() for k, v in ckpt['state_dict'].items()},
+               meta=dict(dataset_meta=meta.get('dataset_meta'), epoch=meta.get('epoch'),
+                         iter=meta.get('iter'), mmengine_version=meta.get('mmengine_version'),
+                         source=os.path.basename(args.src)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    tmp = args.dst + '.tmp'
+    torch.save(out, tmp)
+    os.replace(tmp, args.dst)
+    digest = sha256(args.dst)
+    with open(args.dst + '.sha256', 'w') as f:
+        f.write(f'{digest}  {os.path.basename(args.dst)}\n')
+    size = os.path.getsize(args.dst) / 2**20
+    print(f'{args.dst}: {size:.1f} MiB, sha256 {digest}')
+
+
+if __name__ == '__main__':
+    main()
