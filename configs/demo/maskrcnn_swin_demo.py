@@ -36,7 +36,7 @@ model = dict(
     rpn_head=dict(
         in_channels=neck_channels,
         feat_channels=neck_channels,
-        # Objects are 15-120 px (COCO's are ~3-4x larger): anchors 16..256 px.
+        # Objects are ~12-150 px (COCO's are ~3-4x larger): anchors 16..256 px.
         anchor_generator=dict(scales=[4])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=neck_channels),

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the drawing code changes, so stale folders get regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COCO_CLASSES = ('disc', 'square', 'triangle', 'ring', 'star', 'cross', 'ellipse')
 COCO_PALETTE = [(220, 20, 60), (0, 128, 255), (255, 170, 0), (0, 200, 120), (160, 60, 220),
@@ -84,7 +84,7 @@ _IN_PROGRESS = '.generation_in_progress'
 
 # Object radius ranges, relative to min(height, width): at 256 px the COCO objects span
 # COCO's small (< 32^2 px), medium and large areas; the segmentation things are larger.
-_COCO_RADIUS_RANGE = (0.04, 0.22)
+_COCO_RADIUS_RANGE = (0.04, 0.30)
 _ADE_RADIUS_RANGE = (0.06, 0.28)
 # Every annotated object keeps at least this fraction of its area visible.
 _MIN_VISIBLE_FRACTION = 0.5
