@@ -8,9 +8,9 @@
   (resume, or ``load_from`` a MimiQ checkpoint: the quantizer state lives in buffers /
   parameters and so in the checkpoint).
 """
+import copy
 import glob
 import json
-import math
 import os
 import os.path as osp
 import time
@@ -26,11 +26,9 @@ from mimiq_mm.registry import HOOKS
 SYNTH_POLL_SECONDS = 10.0
 
 
-def synthetic_set_complete(data_root: str, num_images: Optional[int] = None) -> bool:
-    """True when ``data_root`` holds a finished synthetic set (manifest + all batches).
-
-    A batch is finished when its ``batches/*.json`` exists (see docs/INTERFACES.md).
-    """
+def synthetic_set_complete(data_root: str, num_batches: Optional[int] = None) -> bool:
+    """True when ``data_root`` holds a finished synthetic set: every batch listed in the
+    manifest (or ``num_batches``) has its ``batches/*.json`` (docs/INTERFACES.md)."""
     manifest = osp.join(data_root, 'manifest.json')
     if not osp.isfile(manifest):
         return False
@@ -39,13 +37,9 @@ def synthetic_set_complete(data_root: str, num_images: Optional[int] = None) -> 
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    cfg = meta.get('config', {}) if isinstance(meta, dict) else {}
-    total = num_images or cfg.get('num_images')
-    batch = cfg.get('batch_size')
-    done = len(glob.glob(osp.join(data_root, 'batches', '*.json')))
-    if total and batch:
-        return done >= math.ceil(int(total) / int(batch))
-    return done > 0
+    expected = num_batches or (meta.get('num_batches') if isinstance(meta, dict) else None)
+    done = len(glob.glob(osp.join(data_root, 'batches', 'batch_*.json')))
+    return done >= expected if expected else done > 0
 
 
 def _dataset_root(dataloader_cfg) -> Optional[str]:
@@ -66,8 +60,9 @@ class MimiQSynthesisHook(Hook):
         wait_timeout: seconds the non-zero ranks wait for rank 0's synthesis (file polling,
             so NCCL's barrier timeout is not hit by a long synthesis).
 
-    Rank 0 synthesizes (``synthesize`` resumes an unfinished folder); other ranks poll the
-    folder until it is complete, then all ranks meet at a barrier.
+    Every rank synthesizes its shard of the batches (``synthesize`` shards over
+    torch.distributed ranks and resumes an unfinished folder); rank 0 then waits (file
+    polling) until all shards are written, and all ranks meet at a barrier.
     """
     priority = 'VERY_HIGH'
 
@@ -98,26 +93,27 @@ class MimiQSynthesisHook(Hook):
             raise ValueError('MimiQSynthesisHook cannot tell where the synthetic set goes: '
                              'set train_dataloader.dataset.data_root or '
                              'MimiQSynthesisHook(data_root=...).')
-        settings = self._settings(runner)
-        if synthetic_set_complete(root, settings.get('num_images')):
+        from mimiq_mm.synthesis import SynthesisConfig, synthesize
+        settings = SynthesisConfig.from_dict(self._settings(runner))
+        if synthetic_set_complete(root, settings.num_batches):
             print_log(f'Synthetic set found at {root}; skipping synthesis.', logger='current')
             return root
-        if dist.is_main_process():
-            model = unwrap_distiller(runner.model)
-            if model is None:
-                raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
-                                'teacher generates the images).')
-            from mimiq_mm.synthesis import synthesize
-            print_log(f'Synthesizing the training set into {root} ...', logger='current')
-            os.makedirs(root, exist_ok=True)
-            synthesize(model.teacher, root, settings)
-        else:
-            start = time.time()
-            while not synthetic_set_complete(root, settings.get('num_images')):
-                if time.time() - start > self.wait_timeout:
-                    raise TimeoutError(f'rank {dist.get_rank()} waited {self.wait_timeout}s '
-                                       f'for the synthetic set at {root}')
-                time.sleep(SYNTH_POLL_SECONDS)
+        model = unwrap_distiller(runner.model)
+        if model is None:
+            raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
+                            'teacher generates the images).')
+        print_log(f'Synthesizing the training set into {root} ({settings.num_images} '
+                  f'images) ...', logger='current')
+        os.makedirs(root, exist_ok=True)
+        device = next(model.student.parameters()).device
+        synthesize(model.teacher, root, settings)
+        model.teacher.to(device)  # synthesis may have moved it
+        start = time.time()
+        while not synthetic_set_complete(root, settings.num_batches):
+            if time.time() - start > self.wait_timeout:
+                raise TimeoutError(f'rank {dist.get_rank()} waited {self.wait_timeout}s for '
+                                   f'the other ranks\' synthetic batches in {root}')
+            time.sleep(SYNTH_POLL_SECONDS)
         dist.barrier()
         return root
 
@@ -127,7 +123,7 @@ class MimiQSynthesisHook(Hook):
 
     def before_train(self, runner) -> None:
         root = self.data_root or _dataset_root(runner.cfg.get('train_dataloader', {}))
-        if root and not synthetic_set_complete(root):
+        if root and not glob.glob(osp.join(root, 'batches', 'batch_*.json')):
             raise RuntimeError(f'The synthetic set at {root} is missing. Use '
                                "train_cfg=dict(type='mimiq_mm.MimiQIterBasedTrainLoop', ...) so "
                                'MimiQSynthesisHook can create it before the dataloader is '
@@ -145,8 +141,9 @@ class MimiQCalibrationHook(Hook):
 
     Args:
         num_batches: synthetic batches to observe.
-        dataloader: optional dataloader config for calibration (default: the train
-            dataloader; a fresh iterator, so the training data order is unaffected).
+        dataloader: optional dataloader config for calibration (default: a second loader
+            built from the train dataloader config, so the training data order is
+            unaffected).
         force: calibrate even when every quantizer is already initialised.
     """
     priority = 'VERY_HIGH'
@@ -172,9 +169,14 @@ class MimiQCalibrationHook(Hook):
             print_log(f'All {len(quantizers)} quantizers are initialised (resumed or loaded); '
                       'skipping calibration.', logger='current')
             return
-        loader = runner.train_dataloader
-        if self.dataloader is not None:
-            loader = runner.build_dataloader(self.dataloader, seed=runner.seed)
+        # A separate loader (own sampler): the train loop's data stream stays untouched, so a
+        # resumed run (which skips calibration) sees exactly the batches of a straight run.
+        loader_cfg = self.dataloader if self.dataloader is not None \
+            else runner.cfg.get('train_dataloader')
+        if loader_cfg is None:
+            raise ValueError('MimiQCalibrationHook needs a dataloader config (argument '
+                             '`dataloader` or the config\'s train_dataloader)')
+        loader = runner.build_dataloader(copy.deepcopy(loader_cfg), seed=runner.seed)
         self.calibrate(model, loader, self.num_batches)
         if dist.get_world_size() > 1:  # every rank starts from rank 0's quantizers
             state = [{k: v.cpu() for k, v in model.student.state_dict().items()}]
