@@ -1,7 +1,6 @@
 """The procedural demo sets: deterministic, skip/regenerate logic, valid COCO annotations
 (checked with pycocotools and mmdet's CocoDataset) and an ADE20K-format set that mmseg's
 dataset machinery loads with the demo config's pipeline."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +220,23 @@ def test_ade_labels_and_mmseg_loading(small_set):
     expected = np.where(raw == 0, 255, raw - 1)
     np.testing.assert_array_equal(info['gt_seg_map'], expected)
     assert (raw > len(ADE_CLASSES) - len(ADE_THING_CLASSES)).any()  # things are labelled
+
+
+def test_command_line_tool(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('make_demo_data',
+                                                  REPO / 'tools/make_demo_data.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ['--out', str(tmp_path / 'd'), '--seed', '5', '--num-train', '7', '--num-val', '7',
+            '--size', '64', '80', '--workers', '1']
+    tool.main(argv)
+    assert 'Wrote' in capsys.readouterr().out
+    assert demo_data_is_current(tmp_path / 'd', DemoDataConfig(seed=5, num_train=7, num_val=7,
+                                                               size=(64, 80)))
+    tool.main(argv)
+    assert 'up to date' in capsys.readouterr().out
+    tool.main(argv + ['--force'])
+    assert 'Wrote' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--size 256 256'):
+        tool.main(['--out', str(tmp_path / 'e'), '--size', '8', '8'])

@@ -311,7 +311,8 @@ def _object_texture(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radi
 
 def _place_objects(rng: np.random.Generator, img: np.ndarray, kinds: Sequence[str],
                    first_class: int, num_objects: int, styles: Sequence[str],
-                   radius_range: Tuple[float, float], max_tries: int = 40) -> List[Tuple[int, np.ndarray]]:
+                   radius_range: Tuple[float, float],
+                   max_tries: int = 40) -> List[Tuple[int, np.ndarray]]:
     """Paint up to ``num_objects`` shapes into ``img`` (in place), later ones on top.
 
     A candidate is rejected when it would hide more than half of an already placed object.
