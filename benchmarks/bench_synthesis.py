@@ -45,7 +45,8 @@ def build_backbone(device):
     with DefaultScope.overwrite_default_scope('mmdet'):
         backbone = MODELS.build(backbone_cfg)
     backbone.init_weights()
-    backbone.eval().to(device)
+    backbone.eval()
+    backbone.to(device)
     for p in backbone.parameters():
         p.requires_grad_(False)
     return backbone, cfg.model.data_preprocessor
@@ -111,7 +112,7 @@ def bench_one(backbone, batch, size, device, iterations, warmup, bf16, compile_)
 
 def machine_info(device):
     info = dict(host=platform.node(), platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                torch=torch.__version__, cpu=_cpu_name(),
                 threads=torch.get_num_threads(), device=str(device))
     if device.type == 'cuda':
         info['card'] = torch.cuda.get_device_name(device)
@@ -120,12 +121,27 @@ def machine_info(device):
     return info
 
 
+def _fmt_mem(gib):
+    return '-' if gib is None else f'{gib:.2f}'
+
+
+def _cpu_name():
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def to_markdown(info, rows):
     lines = [f"# bench_synthesis ({info['device']}, {info['card']})", '',
              f"machine: {info['host']} / {info['platform']} / {info['cpu']}, "
              f"{info['threads']} threads; torch {info['torch']}; {info['date']}", '',
              'One iteration: Swin-T backbone (Mask R-CNN config) forward under the attention '
-             'recorder + L_sim + TV, backward to the pixels, AdamW step.', '',
+             'recorder + L_sim + TV, backward to the pixels, AdamW step.',
+             *([f"note: {info['note']}"] if info.get('note') else []), '',
              '| batch | px | bf16 | compile | s/iter | img-iter/s | GFLOP/iter | TFLOP/s | peak GiB |',
              '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
@@ -136,7 +152,7 @@ def to_markdown(info, rows):
         lines.append(f"| {r['batch']} | {r['size']} | {r['bf16']} | {r['compile']} | "
                      f"{r['seconds_per_iter']:.4f} | {r['image_iters_per_s']:.2f} | "
                      f"{r['gflop_per_iter']:.1f} | {r['tflops']:.3f} | "
-                     f"{r.get('peak_mem_gib', float('nan')):.2f} |")
+                     f"{_fmt_mem(r.get('peak_mem_gib'))} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -147,6 +163,7 @@ def main(argv=None):
     parser.add_argument('--bf16', action='store_true', help='also run with bf16 autocast')
     parser.add_argument('--compile', action='store_true', help='also run with torch.compile')
     parser.add_argument('--out', default=str(HERE / 'results'))
+    parser.add_argument('--note', default='', help='free text for the report (e.g. load)')
     args = parser.parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type != 'cuda' and not args.small:
@@ -176,6 +193,7 @@ def main(argv=None):
     info = machine_info(device)
     info['date'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     info['mode'] = 'small' if args.small else 'full'
+    info['note'] = args.note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f'bench_synthesis_{device.type}'
