@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -259,6 +268,7 @@ def test_reparam_at_calibration_keeps_float_function(name):
 
 FRESH_SCRIPT = textwrap.dedent('''
     import sys, torch
+    torch.set_num_threads(1)
     from mimiq_mm.quant import QuantConfig, quantize_
     from mimiq_mm.testing import tiny_timm_swin, tiny_timm_vit
     path = sys.argv[1]
