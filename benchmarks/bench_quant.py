@@ -14,6 +14,7 @@ Writes ``benchmarks/results/bench_quant_<device>.json`` and ``.md`` (machine and
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -129,7 +130,9 @@ def machine_info(device):
     info = dict(platform=platform.platform(), machine=platform.machine(),
                 processor=platform.processor() or platform.machine(),
                 python=platform.python_version(), torch=torch.__version__,
-                cpu_threads=torch.get_num_threads())
+                cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                load_avg_1min=round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg')
+                else None)
     if device.type == 'cuda':
         info['card'] = torch.cuda.get_device_name(device)
         info['cuda'] = torch.version.cuda
@@ -200,7 +203,9 @@ def main(argv=None):
           f'- quantized modules: {counts}\n'
           f'- input: {result["input_shape"]}, {args.warmup} warm-up + {args.steps} timed steps'
           f' (median)\n- machine: {result["platform"]}, {result["processor"]}, '
-          f'{result["cpu_threads"]} torch threads\n- card: {result["card"]}\n'
+          f'{result["cpu_count"]} CPUs, {result["cpu_threads"]} torch threads, load average '
+          f'{result["load_avg_1min"]} at the end (shared machine: timings are noisy)\n'
+          f'- card: {result["card"]}\n'
           f'- torch {result["torch"]}, {result["date_utc"]} UTC\n\n{table}\n')
     (args.out_dir / f'bench_quant_{tag}.md').write_text(md)
     return result
