@@ -20,6 +20,7 @@ num_classes = 7
 img_scale = (256, 256)
 embed_dims = 48
 neck_channels = 64
+pretrained = None  # upstream: ImageNet Swin-T weights (a URL); nothing is downloaded
 
 model = dict(
     backbone=dict(

@@ -24,6 +24,7 @@ crop_size = (256, 256)
 embed_dims = 48
 head_channels = 64
 norm_cfg = dict(type='BN', requires_grad=True)
+checkpoint_file = None  # upstream: ImageNet Swin-T weights (a URL); nothing is downloaded
 
 data_preprocessor = dict(size=crop_size)
 model = dict(
@@ -41,12 +42,14 @@ model = dict(
         in_channels=[embed_dims, embed_dims * 2, embed_dims * 4, embed_dims * 8],
         channels=head_channels,
         num_classes=num_classes,
-        norm_cfg=norm_cfg),
+        norm_cfg=norm_cfg,
+        loss_decode=dict(avg_non_ignore=True)),
     auxiliary_head=dict(
         in_channels=embed_dims * 4,
         channels=head_channels,
         num_classes=num_classes,
-        norm_cfg=norm_cfg))
+        norm_cfg=norm_cfg,
+        loss_decode=dict(avg_non_ignore=True)))
 
 dataset_type = 'BaseSegDataset'
 dataset_kwargs = dict(
