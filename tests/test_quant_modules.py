@@ -298,3 +298,21 @@ def test_reparam_keeps_mmdet_swin_block_with_padding():
     for i, p in enumerate(pairs):
         reparam_layernorm_linear_(p.norm, p.linears, _random_factor(32, 60 + i))
     torch.testing.assert_close(block(x, hw), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_per_channel_activation_quantizers_for_linear_and_conv():
+    cfg = QuantConfig(act=dict(granularity='per_channel', observer='minmax', lsq=False,
+                               symmetric=False))
+    ql = QuantLinear.from_float(nn.Linear(4, 3), cfg)
+    x = torch.randn(6, 4, generator=_gen(30)) * torch.tensor([1.0, 10.0, 0.1, 3.0])
+    ql.input_quantizer.calibrate_from(x)
+    assert ql.input_quantizer.scale.shape == (4,)
+    ref = torch.fake_quantize_per_channel_affine(
+        x, ql.input_quantizer.scale, ql.input_quantizer.zero_point.int(), 1, 0, 15)
+    torch.testing.assert_close(ql.input_quantizer(x), ref, atol=0, rtol=0)
+    qc = QuantConv2d.from_float(nn.Conv2d(4, 2, 1), cfg)
+    xc = torch.randn(2, 4, 3, 3, generator=_gen(31))
+    qc.input_quantizer.calibrate_from(xc)
+    assert qc.input_quantizer.scale.shape == (4,) and qc.input_quantizer.ch_axis == 1
+    with pytest.raises(ValueError, match="QuantMatMul supports act.granularity='per_tensor'"):
+        QuantMatMul(cfg)

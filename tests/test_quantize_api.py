@@ -353,3 +353,34 @@ def test_config_validation_errors(d, match):
 def test_quantize_accepts_only_configs():
     with pytest.raises(ValueError, match='config must be a QuantConfig'):
         quantize_(nn.Sequential(nn.Linear(2, 2)), config=4)
+
+
+class _HeadFirst(nn.Module):
+    """Registers its head before its stem: registration order is not call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 2)
+        self.stem = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean(dim=(2, 3)))
+
+
+def test_network_input_layer_is_checked_at_calibration():
+    model = quantize_(_HeadFirst())
+    assert model.head.input_quantizer is None and model.stem.input_quantizer is not None
+    with pytest.warns(RuntimeWarning, match=r"first quantized layer to run was 'stem'.*"
+                                            r"input_layer='stem'"):
+        with calibration_mode(model):
+            model(_img(8))
+    fixed = quantize_(_HeadFirst(), QuantConfig(input_layer='stem'))
+    assert fixed.stem.input_quantizer is None and fixed.head.input_quantizer is not None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with calibration_mode(fixed):
+            fixed(_img(8))
+    assert torch.isfinite(fixed(_img(8))).all()
+    with pytest.raises(ValueError, match=r"input_layer='steam' is not a Conv2d/Linear"):
+        quantize_(_HeadFirst(), QuantConfig(input_layer='steam'))

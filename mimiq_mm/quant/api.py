@@ -98,10 +98,17 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
                        and cfg.act.granularity == 'per_tensor' and cfg.act.kind == 'uniform')
             new = cls.from_float(module, cfg, keep_input_float=keep,
                                  observe_input_channels=observe)
+            new.is_network_input = keep  # checked by calibration_mode
         for qname, q in new.named_modules():
             if isinstance(q, Quantizer):
                 q.name = f'{fqn}.{qname}'
         swaps.append((name, new))
+    if config.keep_input_float and config.input_layer is not None:
+        layers = [prefix + n for n, m in scope_module.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if config.input_layer not in layers:
+            raise ValueError(f'input_layer={config.input_layer!r} is not a Conv2d/Linear inside '
+                             f'the quantization scope; the first ones are {layers[:5]}')
     for name, new in swaps:
         parent, attr = _split(name)
         setattr(scope_module.get_submodule(parent) if parent else scope_module, attr, new)
@@ -185,6 +192,14 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
     """
     qs = [q for _, q in quantizers(model)]
     saved = [(q, q.fake_quant_enabled, q.observing) for q in qs]
+    first_called, hooks = [], []
+    weight_layers = {m: n for n, m in quant_modules(model)
+                     if isinstance(m, (QuantLinear, QuantConv2d))}
+    if any(getattr(m, 'is_network_input', False) for m in weight_layers):
+        def _record_first(module, args):
+            if not first_called:
+                first_called.append(module)
+        hooks = [m.register_forward_pre_hook(_record_first) for m in weight_layers]
     try:
         for q in qs:
             if q.is_weight:
@@ -203,11 +218,19 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
                     module.weight_quantizer.calibrate_from(module.weight)
             missing = [q.name or '?' for q in qs
                        if not q.is_weight and not q.compute_qparams()]
+        if first_called and not getattr(first_called[0], 'is_network_input', False):
+            expected = [n for m, n in weight_layers.items() if m.is_network_input]
+            warnings.warn(f'the first quantized layer to run was {weight_layers[first_called[0]]!r}'
+                          f', but {expected} was taken as the layer that sees the network input '
+                          f'(kept float); pass QuantConfig(input_layer='
+                          f'{weight_layers[first_called[0]]!r}) to quantize_', RuntimeWarning)
         if missing:
             warnings.warn(f'{len(missing)} activation quantizer(s) saw no data during '
                           f'calibration and stay uncalibrated: {missing[:10]}'
                           f'{" ..." if len(missing) > 10 else ""}', RuntimeWarning)
     finally:
+        for handle in hooks:
+            handle.remove()
         for q, enabled, observing in saved:
             q.fake_quant_enabled = enabled
             q.observing = observing

@@ -17,9 +17,12 @@ class MatMul(nn.Module):
         return torch.matmul(a, b)
 
 
-def _make_input_quantizer(cfg, keep_float: bool, num_channels=None, observe_channels=False):
+def _make_input_quantizer(cfg, keep_float: bool, num_channels: int, channel_axis: int,
+                          observe_channels: bool = False) -> Optional[Quantizer]:
     if keep_float:
         return None
+    if cfg.act.granularity == 'per_channel':
+        return Quantizer(cfg.act, ch_axis=channel_axis, num_channels=num_channels)
     return Quantizer(cfg.act, num_channels=num_channels, observe_channels=observe_channels)
 
 
@@ -35,6 +38,8 @@ class _QuantWeightMixin:
     """Shared by QuantLinear / QuantConv2d: swap in and out keeping the same Parameters."""
 
     _float_module: nn.Module
+    #: set by quantize_ on the layer that sees the network input (its input stays float)
+    is_network_input = False
 
     @classmethod
     def from_float(cls, module: nn.Module, cfg: Optional[QuantConfig] = None,
@@ -65,7 +70,8 @@ class _QuantWeightMixin:
         object.__setattr__(new, '_float_module', module)
         new.weight_quantizer = _make_weight_quantizer(cfg, module.weight)
         new.input_quantizer = _make_input_quantizer(
-            cfg, bool(keep_input_float), new._in_channels(), observe_input_channels)
+            cfg, bool(keep_input_float), new._in_channels(), new._INPUT_CHANNEL_AXIS,
+            observe_input_channels)
         return new
 
     def to_float(self) -> nn.Module:
@@ -84,6 +90,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight (per output channel) and input."""
 
     _float_base = nn.Linear
+    _INPUT_CHANNEL_AXIS = -1
 
     def _in_channels(self) -> int:
         return self.in_features
@@ -96,6 +103,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight (per output channel) and input."""
 
     _float_base = nn.Conv2d
+    _INPUT_CHANNEL_AXIS = 1
 
     def _in_channels(self) -> int:
         return self.in_channels
@@ -121,6 +129,13 @@ class QuantMatMul(MatMul):
         if role not in MATMUL_ROLES:
             raise ValueError(f'role={role!r} is not valid; choose one of {list(MATMUL_ROLES)}')
         cfg = QuantConfig() if cfg is None else cfg
+        for name in ('act', 'attn_prob'):
+            if getattr(cfg, name).granularity != 'per_tensor':
+                raise ValueError(f"QuantMatMul supports {name}.granularity='per_tensor' only "
+                                 f"(the channel count of a matmul input is not known); keep "
+                                 f"'per_tensor' for the attention products, e.g. with "
+                                 f"overrides={{'*_matmul': {{'{name}': "
+                                 f"{{'granularity': 'per_tensor'}}}}}}")
         self.role = role
         self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act)
         self.b_quantizer = Quantizer(cfg.act)
