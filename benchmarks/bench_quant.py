@@ -36,6 +36,11 @@ FULL_IMAGE = (800, 1216)
 SMALL_IMAGE = (128, 192)
 BATCH = 2
 BOXES_PER_IMAGE = 4
+# synthetic boxes: corner in the first BOX_CORNER_FRACTION of the image, size up to
+# BOX_SIZE_FRACTION of it plus MIN_BOX_SIZE pixels
+BOX_CORNER_FRACTION = 0.6
+BOX_SIZE_FRACTION = 0.3
+MIN_BOX_SIZE = 16
 NUM_CLASSES = 80
 # --small: Swin widths / depths scaled down (component types unchanged)
 SMALL_EMBED_DIMS = 32
@@ -81,8 +86,10 @@ def make_batch(image_hw, device, seed=0):
     inputs = torch.randn(BATCH, 3, h, w, generator=g).to(device)
     samples = []
     for _ in range(BATCH):
-        xy = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        wh = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
+        xy = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * torch.tensor([w, h]) \
+            * BOX_CORNER_FRACTION
+        wh = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * torch.tensor([w, h]) \
+            * BOX_SIZE_FRACTION + MIN_BOX_SIZE
         boxes = torch.cat([xy, xy + wh], 1)
         masks = torch.zeros(BOXES_PER_IMAGE, h, w, dtype=torch.uint8)
         for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):

@@ -111,6 +111,7 @@ def test_disabled_quantization_leaves_outputs_unchanged_and_counts(name):
     # every Linear/Conv of the backbone and both products of every attention block
     assert counts['QuantLinear'] + counts['QuantConv2d'] == n_lin_conv
     assert counts['QuantMatMul'] == 2 * n_attn
+    assert len(list(quant_modules(scope))) == sum(counts.values())
     for attn in find_attention_modules(scope).values():
         assert isinstance(attn.qk_matmul, QuantMatMul) and attn.qk_matmul.role == 'qk'
         assert isinstance(attn.av_matmul, QuantMatMul) and attn.av_matmul.role == 'av'
@@ -279,7 +280,8 @@ FRESH_SCRIPT = textwrap.dedent('''
         model.load_state_dict(saved[name + '_state'], strict=True)
         with torch.no_grad():
             out = model(saved['x'])
-        assert torch.equal(out, saved[name + '_out']), (name, (out - saved[name + '_out']).abs().max())
+        ref = saved[name + '_out']
+        assert torch.equal(out, ref), (name, (out - ref).abs().max())
     print('FRESH-OK')
 ''')
 

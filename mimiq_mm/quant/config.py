@@ -20,6 +20,8 @@ SCOPES = ('backbone', 'all')
 OVERRIDABLE = ('weight', 'act', 'attn_prob', 'keep_input_float')
 
 DEFAULT_PERCENTILE = 99.99
+# percentile must lie in (MIN_PERCENTILE, MAX_PERCENTILE]: the lower one is 100 - percentile
+MIN_PERCENTILE, MAX_PERCENTILE = 50.0, 100.0
 DEFAULT_EMA_MOMENTUM = 0.1
 DEFAULT_MSE_NORM = 2.0
 DEFAULT_MSE_STEPS = 40
@@ -74,9 +76,10 @@ class QuantizerConfig:
         _check_choice('signedness', self.signedness, SIGNEDNESS)
         _check_choice('symmetric', self.symmetric, (True, False))
         _check_choice('lsq', self.lsq, (True, False))
-        if not 50.0 < float(self.percentile) <= 100.0:
+        if not MIN_PERCENTILE < float(self.percentile) <= MAX_PERCENTILE:
             raise ValueError(f'percentile={self.percentile!r} is not valid; use a value in '
-                             '(50, 100], e.g. 99.99')
+                             f'({MIN_PERCENTILE:g}, {MAX_PERCENTILE:g}], e.g. '
+                             f'{DEFAULT_PERCENTILE}')
         if not 0.0 < float(self.ema_momentum) <= 1.0:
             raise ValueError(f'ema_momentum={self.ema_momentum!r} is not valid; use a value '
                              'in (0, 1], e.g. 0.1')
