@@ -1,0 +1,127 @@
+"""Deployable export: int4 packing, integer weights, and a rebuilt model with identical
+outputs (also through tools/export.py on a MimiQ checkpoint)."""
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimiq_mm.export import (build_quantized_model, export_quantized, float_state_dict,
+                             load_quantized_, pack_int4, serialized_size, unpack_int4)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize('numel', [1, 2, 7, 64])
+def test_pack_unpack_int4_roundtrip(numel):
+    codes = torch.randint(0, 16, (numel, ), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 1) // 2
+    assert torch.equal(unpack_int4(packed, numel), codes)
+    # layout: low nibble first
+    if numel >= 2:
+        assert int(packed[0]) == int(codes[0]) | (int(codes[1]) << 4)
+    with pytest.raises(ValueError, match=r'\[0, 15\]'):
+        pack_int4(torch.tensor([16], dtype=torch.uint8))
+
+
+def _distiller(tmp_path, quant_cfg):
+    from mimiq_mm.models import MimiQDistiller
+    from mimiq_mm.testing import build_model_from_cfg, tiny_upernet_swin_cfg
+    cfg = tiny_upernet_swin_cfg()
+    torch.manual_seed(0)
+    teacher = build_model_from_cfg(cfg.model, 'mmseg')
+    torch.save({'state_dict': teacher.state_dict()}, str(tmp_path / 't.pth'))
+    model = MimiQDistiller(teacher=copy.deepcopy(cfg.model),
+                           teacher_checkpoint=str(tmp_path / 't.pth'), quant_cfg=quant_cfg)
+    return cfg, model
+
+
+def _calibrate(model, x):
+    from mimiq_mm.quant import calibration_mode
+    with torch.no_grad(), calibration_mode(model.student):
+        model.student.extract_feat(x)
+
+
+@pytest.mark.parametrize('bits', [(4, 4), (2, 4), (6, 6)])
+def test_export_roundtrip_identical_outputs(tmp_path, bits):
+    w_bits, a_bits = bits
+    quant_cfg = dict(weight=dict(bits=w_bits), act=dict(bits=a_bits),
+                     attn_prob=dict(bits=a_bits))
+    cfg, model = _distiller(tmp_path, quant_cfg)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _calibrate(model, x)
+    # some fine-tuning-like change of the weights and the activation steps
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    path = tmp_path / 'q.pth'
+    payload = export_quantized(model.student, str(path), teacher_cfg=cfg.model.to_dict(),
+                               quant_cfg=quant_cfg, scope='mmseg')
+    qweights = payload['quantized_weights']
+    assert len(qweights) > 10
+    for key, entry in qweights.items():
+        assert key not in payload['state_dict']
+        numel = 1
+        for d in entry['shape']:
+            numel *= d
+        if w_bits <= 4:
+            assert entry['packed'] and entry['codes'].dtype == torch.uint8
+            assert entry['codes'].numel() == (numel + 1) // 2
+            assert int(unpack_int4(entry['codes'], numel).max()) < 2 ** w_bits
+        else:
+            assert not entry['packed'] and entry['codes'].dtype == torch.int8
+    # activation steps travel as they are
+    assert any(k.endswith('input_quantizer.step') for k in payload['state_dict'])
+
+    # rebuilt from the file alone: bit-identical features and logits
+    rebuilt = build_quantized_model(str(path))
+    with torch.no_grad():
+        ref = model.student.extract_feat(x)
+        out = rebuilt.extract_feat(x)
+        assert all(torch.equal(a, b) for a, b in zip(ref, out))
+        assert torch.equal(model.student.decode_head(ref), rebuilt.decode_head(out))
+    # load into an existing quantized model works the same
+    _, other = _distiller(tmp_path, quant_cfg)
+    load_quantized_(other.student, str(path))
+    other.eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(ref, other.student.extract_feat(x)))
+    # smaller than the float weights
+    if w_bits <= 4:
+        assert path.stat().st_size < serialized_size(float_state_dict(model.student)) / 2
+
+
+def test_tools_export_on_a_mimiq_checkpoint(tmp_path, capsys):
+    from mmengine.config import Config
+    quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4))
+    cfg, model = _distiller(tmp_path, quant_cfg)
+    _calibrate(model, torch.randn(1, 3, 64, 64))
+    ckpt = tmp_path / 'mimiq.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, str(ckpt))
+    mimiq_cfg = Config(dict(
+        default_scope='mmseg', teacher_checkpoint=str(tmp_path / 't.pth'),
+        quant_cfg=quant_cfg,
+        model=dict(type='mimiq_mm.MimiQDistiller', teacher=cfg.model.to_dict())))
+    mimiq_cfg.dump(str(tmp_path / 'cfg.py'))
+    spec = importlib.util.spec_from_file_location('mimiq_tool_export',
+                                                  ROOT / 'tools' / 'export.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / 'deploy.pth'
+    result = tool.main([str(tmp_path / 'cfg.py'), str(ckpt), '--out', str(out), '--verify'])
+    text = capsys.readouterr().out
+    assert 'identical: True' in text and 'smaller' in text
+    assert result['quantized_bytes'] < result['float_bytes']
+    # weights_only loading of the deployable file
+    torch.load(str(out), map_location='cpu', weights_only=True)
