@@ -228,3 +228,54 @@ def test_segmentation_train_test_miou(demo_root, tmp_path):
                          '--out', str(tmp_path / 'preds.pkl')])
     assert 'mIoU' in metrics and 0.0 <= metrics['mIoU'] <= 100.0
     assert (tmp_path / 'preds.pkl').is_file()
+
+
+MIMIQ_CONFIGS = ['maskrcnn_swin_w4a4', 'maskrcnn_swin_w6a6', 'maskrcnn_swin_w3a3',
+                 'maskrcnn_swin_w2a4', 'maskrcnn_swin-s_w4a4', 'cascade_maskrcnn_swin_w4a4',
+                 'upernet_swin_w4a4', 'upernet_vit-b_w4a4']
+
+
+@pytest.mark.parametrize('name', MIMIQ_CONFIGS)
+def test_shipped_configs_offline_and_overridable(name):
+    from mimiq_mm.quant import QuantConfig
+    train = _tool('train')
+    path = str(ROOT / 'configs' / 'mimiq' / f'{name}.py')
+    args = train.parse_args([path, '--cfg-options', 'teacher_checkpoint=/ckpt/float.pth',
+                             'quant_cfg.act.bits=3', 'synthesis.num_images=8'])
+    cfg = train.build_cfg(args)
+    assert cfg.model.type == 'mimiq_mm.MimiQDistiller'
+    assert cfg.model.teacher_checkpoint == '/ckpt/float.pth'
+    assert cfg.model.quant_cfg.act.bits == 3
+    qcfg = QuantConfig.from_dict(cfg.model.quant_cfg)
+    expected_w = {'w6a6': 6, 'w3a3': 3, 'w2a4': 2}.get(name.rsplit('_', 1)[-1], 4)
+    assert qcfg.weight.bits == expected_w and qcfg.act.bits == 3
+    assert cfg.train_dataloader.dataset.type == 'mimiq_mm.SyntheticImageDataset'
+    assert cfg.train_cfg.type == 'mimiq_mm.MimiQIterBasedTrainLoop'
+    hooks = [h['type'] for h in cfg.custom_hooks]
+    assert 'mimiq_mm.MimiQSynthesisHook' in hooks and 'mimiq_mm.MimiQCalibrationHook' in hooks
+    # offline-safe: no URL anywhere in the model, no pretrained file for the teacher
+    text = str(cfg.model.to_dict())
+    assert 'http' not in text and 'Pretrained' not in text
+    assert cfg.model.teacher.get('pretrained') is None
+
+
+def test_real_swin_t_mask_rcnn_config_builds(tmp_path):
+    """The full-size W4A4 Mask R-CNN Swin-T distiller builds offline (student quantized,
+    teacher outside the parameters)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mimiq_mm.engine import apply_mimiq_fields
+    from mimiq_mm.quant import quantizers
+    from mimiq_mm.registry import MODELS
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'mimiq' / 'maskrcnn_swin_w4a4.py'))
+    apply_mimiq_fields(cfg)
+    init_default_scope('mmdet')
+    model_cfg = cfg.model.copy()
+    with pytest.raises(ValueError, match='teacher_checkpoint is not set'):
+        MODELS.build(copy.deepcopy(model_cfg))
+    model_cfg.load_teacher = False
+    model = MODELS.build(model_cfg)
+    assert len(list(quantizers(model.student))) > 100
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in model.teacher.parameters()}
+    assert type(model.data_preprocessor).__name__ == 'DetDataPreprocessor'
