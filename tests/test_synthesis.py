@@ -244,3 +244,25 @@ def test_cli_generates_from_config(tmp_path):
     assert manifest['complete'] and manifest['config']['task_loss'] == 'classifier'
     assert manifest['teacher']['name'] == 'test_vit'
     assert (out / 'contact_sheet.png').is_file()
+
+
+def test_build_teacher_loads_checkpoint_and_preprocessor_stats(tmp_path):
+    from mmengine.config import Config
+
+    from mimiq_mm.synthesis import build_teacher
+    from mimiq_mm.testing import tiny_upernet_swin_cfg
+    torch.manual_seed(0)
+    source = build_tiny_model('upernet_swin')
+    path = tmp_path / 'teacher.pth'
+    torch.save({'state_dict': source.state_dict()}, path)
+    cfg = Config(dict(model=tiny_upernet_swin_cfg().model,
+                      teacher=dict(scope='mmseg', checkpoint=str(path))))
+    teacher = build_teacher(cfg)
+    for (name, p), q in zip(source.state_dict().items(), teacher.model.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+    pre = source.data_preprocessor
+    assert teacher.mean == pytest.approx(pre.mean.flatten().tolist())
+    assert teacher.std == pytest.approx(pre.std.flatten().tolist())
+    assert teacher.channel_order == 'rgb' and teacher.kind == 'mmseg'
+    low, high = teacher.pixel_range()
+    torch.testing.assert_close(low.flatten(), -pre.mean.flatten() / pre.std.flatten())
