@@ -20,7 +20,6 @@ import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from mmengine.logging import print_log
 from mmengine.model import BaseModel
 from mmengine.registry import DefaultScope
 from torch import Tensor, nn
@@ -448,7 +447,3 @@ def unwrap_distiller(model) -> Optional[MimiQDistiller]:
     if is_model_wrapper(model):
         model = model.module
     return model if isinstance(model, MimiQDistiller) else None
-
-
-def log(msg: str) -> None:
-    print_log(msg, logger='current')
