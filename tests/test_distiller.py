@@ -269,6 +269,11 @@ def test_teacher_checkpoint_errors(tmp_path):
     _save_teacher(other.model, 'mmseg', tmp_path / 'other.pth')
     with pytest.raises(RuntimeError, match=r'other.pth.*does not match.*shape mismatches'):
         _build_distiller(cfg.model, tmp_path / 'other.pth')
+    # a MimiQ (student) checkpoint passed as the teacher
+    d = _build_distiller(other.model, tmp_path / 'other.pth')
+    torch.save({'state_dict': d.state_dict()}, str(tmp_path / 'mimiq.pth'))
+    with pytest.raises(ValueError, match='mimiq.pth.*quantized student.*float teacher'):
+        _build_distiller(other.model, tmp_path / 'mimiq.pth')
     # missing keys
     model = _save_teacher(cfg.model, 'mmseg', tmp_path / 'ok.pth')
     state = model.state_dict()

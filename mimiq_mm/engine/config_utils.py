@@ -19,8 +19,18 @@ def apply_mimiq_fields(cfg):
         return cfg
     for key in TOP_LEVEL_MODEL_FIELDS:
         if key in cfg:
+            old = cfg.model.get(key, None)
+            if old is not None and _plain(old) != _plain(cfg[key]):
+                from mmengine.logging import print_log
+                print_log(f'top-level `{key}` ({_plain(cfg[key])}) overrides model.{key} '
+                          f'({_plain(old)}); change the top-level field, e.g. '
+                          f'--cfg-options {key}=...', logger='current', level=30)
             cfg.model[key] = copy.deepcopy(cfg[key])
     return cfg
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, 'to_dict') else value
 
 
 def wrap_teacher_metrics(evaluator_cfg):
