@@ -240,7 +240,7 @@ def test_distiller_cascade_mask_rcnn(tmp_path):
     m.test_cfg.rpn.update(nms_pre=100, max_per_img=50)
     strip_pretrained(m)
     _save_teacher(m, 'mmdet', tmp_path / 'c.pth')
-    d = _build_distiller(m, tmp_path / 'c.pth')
+    d = _build_distiller(m, tmp_path / 'c.pth', max_kd_rois=20)
     _check_losses(d, _det_batch(), ['loss_hsad', 'loss_kd_rpn_cls', 'loss_kd_roi_cls',
                                     'loss_kd_roi_reg', 'loss_kd_roi_mask'])
 

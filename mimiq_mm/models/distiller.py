@@ -137,6 +137,8 @@ class MimiQDistiller(BaseModel):
         feat_kind: 'norm_mse', 'mse' or 'l1'.
         reg_kind: distance for box deltas ('smooth_l1', 'mse', 'l1').
         num_mask_rois: per image, the teacher's highest-scoring proposals used for mask KD.
+        max_kd_rois: per image, at most this many of the teacher's proposals (highest RPN
+            score first) for the RoI KD; None = all that ``train_cfg.rpn_proposal`` keeps.
         eval_teacher: also run the teacher in ``predict`` (results as ``teacher_*``).
         load_teacher: load ``teacher_checkpoint`` (False: test-time, when the student comes
             from a MimiQ checkpoint and the teacher is not evaluated).
@@ -156,6 +158,7 @@ class MimiQDistiller(BaseModel):
                  feat_kind: str = 'norm_mse',
                  reg_kind: str = 'smooth_l1',
                  num_mask_rois: int = 32,
+                 max_kd_rois: Optional[int] = None,
                  eval_teacher: bool = False,
                  student_train_mode: bool = False,
                  load_teacher: bool = True,
@@ -215,6 +218,9 @@ class MimiQDistiller(BaseModel):
         self.feat_kind = feat_kind
         self.reg_kind = reg_kind
         self.num_mask_rois = int(num_mask_rois)
+        if max_kd_rois is not None and int(max_kd_rois) < 1:
+            raise ValueError(f'max_kd_rois must be None or >= 1, got {max_kd_rois!r}')
+        self.max_kd_rois = None if max_kd_rois is None else int(max_kd_rois)
         self.eval_teacher = eval_teacher
         self.student_train_mode = bool(student_train_mode)
         self.train(self.training)
@@ -373,6 +379,8 @@ class MimiQDistiller(BaseModel):
             proposals = t_model.rpn_head.predict_by_feat(
                 t_rpn_cls, t_rpn_reg, batch_img_metas=batch_img_metas, cfg=rpn_cfg,
                 rescale=False)
+            if self.max_kd_rois is not None:  # sorted by score: keep the best
+                proposals = [p[:self.max_kd_rois] for p in proposals]
             rois = bbox2roi([p.bboxes for p in proposals]).detach()
         num_per_img = [len(p) for p in proposals]
         t_roi, s_roi = t_model.roi_head, s_model.roi_head
