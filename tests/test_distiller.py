@@ -168,9 +168,9 @@ def _seg_batch(num_images=2, size=64):
     return dict(inputs=inputs, data_samples=samples)
 
 
-def _build_distiller(model_cfg, ckpt, **kwargs):
+def _build_distiller(model_cfg, ckpt, scope='backbone', **kwargs):
     from mimiq_mm.models import MimiQDistiller
-    quant = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4))
+    quant = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4), scope=scope)
     return MimiQDistiller(teacher=copy.deepcopy(model_cfg), teacher_checkpoint=str(ckpt),
                           quant_cfg=quant, **kwargs)
 
@@ -207,11 +207,15 @@ def _check_losses(distiller, batch, expected_keys):
     return losses
 
 
-def test_distiller_mask_rcnn_losses_and_predict(tmp_path):
+@pytest.mark.parametrize('scope', ['backbone', 'all'])
+def test_distiller_mask_rcnn_losses_and_predict(tmp_path, scope):
+    from mimiq_mm.quant import QuantLinear
     from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
     cfg = tiny_maskrcnn_swin_cfg()
     _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
-    d = _build_distiller(cfg.model, tmp_path / 't.pth', eval_teacher=True)
+    d = _build_distiller(cfg.model, tmp_path / 't.pth', scope=scope, eval_teacher=True)
+    heads_quantized = any(isinstance(m, QuantLinear) for m in d.student.roi_head.modules())
+    assert heads_quantized == (scope == 'all')
     assert d.task == 'two_stage'
     batch = _det_batch()
     _check_losses(d, batch, ['loss_hsad', 'loss_kd_feat', 'loss_kd_rpn_cls', 'loss_kd_rpn_reg',

@@ -196,17 +196,17 @@ class MimiQDistiller(BaseModel):
         object.__setattr__(self, 'teacher', teacher_model)
         self.teacher_checkpoint = teacher_checkpoint
 
-        from mimiq_mm.quant import QuantConfig, quantize_
+        from mimiq_mm.quant import QuantConfig, get_scope, quantize_
         self.quant_config = QuantConfig.from_dict(
             dict(quant_cfg) if quant_cfg is not None else None)
         student = copy.deepcopy(teacher_model)
         for p in student.parameters():
             p.requires_grad_(True)
         quantize_(student, self.quant_config)
-        # The teacher's attention must expose the same per-head records as the student's.
+        # The teacher's attention must expose the same per-head records as the student's
+        # (quantize_ adapted the attention modules of the same scope in the student).
         from mimiq_mm.attention import adapt_attention_
-        adapt_attention_(self.teacher.backbone if hasattr(self.teacher, 'backbone')
-                         else self.teacher)
+        adapt_attention_(get_scope(self.teacher, self.quant_config.scope)[0])
         self.student = student
 
         self.gamma = float(gamma)
