@@ -7,7 +7,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 MIMIQ_WHEEL_CACHE ?= $(HOME)/.cache/mimiq_mm/wheels
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n auto
 export PYTHON VENV TORCH_SPEC MIMIQ_WHEEL_CACHE
 
 PY := $(VENV)/bin/python

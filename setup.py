@@ -36,6 +36,6 @@ setup(
     packages=find_packages(include=['mimiq_mm', 'mimiq_mm.*']),
     python_requires='>=3.10,<3.13',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'tests': ['pytest>=7']},
+    extras_require={'tests': ['pytest>=7', 'pytest-xdist>=3']},
     include_package_data=True,
 )
