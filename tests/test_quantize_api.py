@@ -5,6 +5,7 @@ Tolerance: with fake-quant disabled, a quantized model must reproduce the float 
 ``atol = rtol = 1e-5`` (the attention adapters compute the same math explicitly, so results
 may differ from the library kernels by float rounding only).
 """
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -386,3 +387,13 @@ def test_network_input_layer_is_checked_at_calibration():
     assert torch.isfinite(fixed(_img(8))).all()
     with pytest.raises(ValueError, match=r"input_layer='steam' is not a Conv2d/Linear"):
         quantize_(_HeadFirst(), QuantConfig(input_layer='steam'))
+
+
+def test_quantizer_state_follows_the_model_device():
+    """A model already moved to an accelerator gets its quantizer buffers there too (here the
+    'meta' device stands in for CUDA: same code path, no GPU needed)."""
+    from mimiq_mm.testing import tiny_timm_vit
+    model = tiny_timm_vit().to('meta')
+    quantize_(model, QuantConfig())
+    devices = {t.device.type for t in itertools.chain(model.parameters(), model.buffers())}
+    assert devices == {'meta'}

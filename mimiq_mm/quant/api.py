@@ -1,6 +1,7 @@
 """Model-level verbs: ``quantize_`` / ``dequantize_``, ``calibration_mode``,
 ``set_quant_state`` / ``quant_state``, and iterators over what was quantized."""
 import contextlib
+import itertools
 import warnings
 from collections import Counter
 from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
@@ -102,6 +103,13 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
         for qname, q in new.named_modules():
             if isinstance(q, Quantizer):
                 q.name = f'{fqn}.{qname}'
+        # quantizer state lives where the float module lives (a model already on the GPU);
+        # a MatMul has no state of its own: take its attention module's device
+        owner = module
+        if is_matmul:
+            parent = _split(name)[0]
+            owner = scope_module.get_submodule(parent) if parent else scope_module
+        new.to(_device_of(owner))
         swaps.append((name, new))
     if config.keep_input_float and config.input_layer is not None:
         layers = [prefix + n for n, m in scope_module.named_modules()
@@ -113,6 +121,13 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
         parent, attr = _split(name)
         setattr(scope_module.get_submodule(parent) if parent else scope_module, attr, new)
     return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for a stateless module)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device('cpu')
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
