@@ -1,0 +1,10 @@
+# CPU-sized demo: MimiQ images from the shipped demo Mask R-CNN Swin teacher
+# (configs/demo/maskrcnn_swin_demo.py, checkpoints/demo/maskrcnn_swin_demo.pth).
+#   python tools/generate.py configs/synthesis/mimiq_demo_maskrcnn_swin.py \
+#       --work-dir work_dirs/demo/synthetic_maskrcnn
+_base_ = ['../demo/maskrcnn_swin_demo.py']
+
+teacher = dict(scope='mmdet', checkpoint='checkpoints/demo/maskrcnn_swin_demo.pth')
+synthesis = dict(
+    method='mimiq', num_images=16, batch_size=8, iterations=50, image_size=(128, 128),
+    seed=0, task_loss='none', log_interval=5)
