@@ -266,3 +266,12 @@ def test_build_teacher_loads_checkpoint_and_preprocessor_stats(tmp_path):
     assert teacher.channel_order == 'rgb' and teacher.kind == 'mmseg'
     low, high = teacher.pixel_range()
     torch.testing.assert_close(low.flatten(), -pre.mean.flatten() / pre.std.flatten())
+
+
+def test_w_sim_zero_ablation_uses_the_task_term_only(tmp_path, vit):
+    out = synthesize(vit, tmp_path / 'a', dict(FAST, num_images=2, w_sim=0.0,
+                                               task_loss='classifier'))
+    record = json.loads((out / 'batches' / 'batch_00000.json').read_text())
+    assert 'sim' not in record['losses'] and np.isfinite(record['losses']['task'])
+    with pytest.raises(ValueError, match='needs a task term'):
+        synthesize(vit, tmp_path / 'b', dict(FAST, num_images=2, w_sim=0.0))

@@ -176,6 +176,12 @@ class MimiQSynthesis(PixelOptimisation):
 
     def objective(self, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
         from ..attention import AttentionRecorder
+        if self.cfg.w_sim == 0:      # ablation: task (+ TV) only, no attention recording
+            task = self.task_term(x, generator)
+            if task is None:
+                raise ValueError("synthesis with w_sim=0 needs a task term: set "
+                                 "task_loss='task' or 'classifier' and w_task > 0")
+            return {'task': task, 'loss': self.cfg.w_task * task}
         with AttentionRecorder(self.teacher.attention_scope) as rec:
             task = self.task_term(x, generator)
             if task is None:
