@@ -175,10 +175,11 @@ class Options:
 class StageTimer:
     """Wall-clock times of named stages, printed as they finish."""
 
-    def __init__(self, printer=print):
+    def __init__(self, printer=None):
         self.seconds: Dict[str, float] = {}
         self.notes: Dict[str, str] = {}
-        self.printer = printer
+        stream = sys.stdout  # the console, also while a stage's output goes to its log
+        self.printer = printer or (lambda msg: print(msg, file=stream, flush=True))
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -253,7 +254,7 @@ def prepare_val_data(data_root: Optional[str], num_val: int, printer=print) -> P
             printer(f'  demo data: {root} (up to date)')
             return root
     root = candidates[-1]
-    config = DemoDataConfig(seed=0, num_train=1, num_val=max(num_val, 100), size=(256, 256))
+    config = DemoDataConfig(seed=0, num_train=1, num_val=num_val, size=(256, 256))
     printer(f'  generating the demo val set ({config.num_val} images per task) in {root}')
     generate_demo_data(root, config)
     return root
@@ -506,9 +507,16 @@ def run_quant(spec: TaskSpec, recipe: Recipe, cfg, stage_dir: Path, synth_dir: P
                 synthetic_dir=str(synth_dir))
 
 
+def canonical(obj):
+    """``obj`` as it reads back from JSON (tuples become lists), to compare with a file."""
+    from mimiq_mm.utils.report import _jsonable
+    return json.loads(json.dumps(_jsonable(obj)))
+
+
 def cached_stage(stage_dir: Path, fingerprint: dict, force: bool) -> Optional[dict]:
     """The stored result of a finished stage with the same fingerprint; clears a stale
     stage folder (other settings, or --force)."""
+    fingerprint = canonical(fingerprint)
     result = read_json(stage_dir / RESULT_FILE)
     if not force and isinstance(result, dict) and result.get('fingerprint') == fingerprint:
         return result
@@ -598,7 +606,7 @@ def run_demo(args) -> dict:
     cached = cached_stage(stage_dir, fingerprint, args.force)
     if cached is None:
         result = run_float(spec, opts, data_root, ann_file, checkpoint, stage_dir, timer)
-        result['fingerprint'] = fingerprint
+        result['fingerprint'] = canonical(fingerprint)
         write_json(stage_dir / RESULT_FILE, result)
         cached = result
     else:
@@ -635,7 +643,7 @@ def run_demo(args) -> dict:
                     timer.add('figures: attention maps', time.perf_counter() - start)
                     return info
             result = run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, name, after)
-            result['fingerprint'] = fingerprint
+            result['fingerprint'] = canonical(fingerprint)
             write_json(stage_dir / RESULT_FILE, result)
             cached = result
         else:

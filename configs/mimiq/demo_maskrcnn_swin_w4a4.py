@@ -80,8 +80,8 @@ param_scheduler = [
 ]
 default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters,
-                    max_keep_ckpts=1, save_last=True, save_optimizer=False,
-                    save_param_scheduler=False),
+                    max_keep_ckpts=1, save_last=True, save_optimizer=True,
+                    save_param_scheduler=True),
     logger=dict(type='LoggerHook', interval=10))
 log_processor = dict(by_epoch=False, window_size=10)
 custom_hooks = [
