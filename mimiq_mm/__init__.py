@@ -13,8 +13,14 @@ Importing the package installs torch's ``weights_only`` allow-list for mmengine 
 (:mod:`mimiq_mm.utils.checkpoint`) and registers every component in the mimiq_mm
 registries, so configs only need ``custom_imports=dict(imports=['mimiq_mm'])``.
 """
-from .utils.checkpoint import allow_mmengine_checkpoints
-from .version import __version__
+import warnings
+
+# mmengine/mmcv import pkg_resources (setuptools < 81 is pinned for it); its deprecation
+# notice says nothing actionable to our users, so it is silenced here, once.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+
+from .utils.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from .version import __version__  # noqa: E402
 
 allow_mmengine_checkpoints()
 
