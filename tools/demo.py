@@ -588,6 +588,7 @@ def run_demo(args) -> dict:
             'trains both on a GPU).')
     timer = StageTimer()
     total_start = time.perf_counter()
+    load_at_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     print(f'MimiQ demo ({spec.name}, {opts.bits_label}) -> {work_dir}')
 
     print('[1/4] demo val data')
@@ -672,6 +673,10 @@ def run_demo(args) -> dict:
         note = timer.notes.get(stage, '')
         print(f'  {stage:<40} {format_seconds(seconds):>14}  {note}')
     print(f'  {"total":<40} {format_seconds(total):>14}')
+    if load_at_start is not None and os.cpu_count() and \
+            max(load_at_start, os.getloadavg()[0]) > os.cpu_count():
+        print(f'  (the CPU was shared: load average {load_at_start:.1f} at start, '
+              f'{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)')
     summary = dict(
         task=spec.name, bits=opts.bits_label, config=spec.mimiq_config,
         teacher_checkpoint=checkpoint, teacher_sha256=teacher_sha,
@@ -683,7 +688,7 @@ def run_demo(args) -> dict:
         attention_figure=results['mimiq'].get('extra'),
         files=dict(contact_sheet=str(sheet) if sheet else None,
                    attention_figure=str(figure_path), bar_chart=str(bar)),
-        machine=machine_info(opts.device))
+        machine=dict(machine_info(opts.device), load_average_1min_at_start=load_at_start))
     write_json(work_dir / 'results.json', summary)
     md = [f'# MimiQ demo: {spec.name}, {opts.bits_label}', '',
           f'Teacher `{osp.relpath(checkpoint, ROOT) if checkpoint.startswith(str(ROOT)) else checkpoint}` '

@@ -41,10 +41,11 @@ def results_bar_chart(rows: Sequence[dict], metrics: Sequence[Tuple[str, str]], 
     """
     plt = _pyplot()
     path = Path(path)
-    labels = [str(r.get('label', r.get('method', ''))) for r in rows]
+    import textwrap
+    labels = [textwrap.fill(str(r.get('label', r.get('method', ''))), 20) for r in rows]
     n, m = len(rows), len(metrics)
     width = 0.8 / max(m, 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * n + 1.5), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * n + 1.5), 4.2))
     colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
     x = np.arange(n)
     for j, (key, label) in enumerate(metrics):
