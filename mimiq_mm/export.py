@@ -67,6 +67,7 @@ def weight_codes(module) -> Tuple[Tensor, Tensor, Tensor, int, int]:
     ``[quant_min, quant_max]``.
     """
     q = module.weight_quantizer
+    module.sync_weight_qparams()  # the range of the weights as they are now
     if not q.is_initialized:
         raise RuntimeError(f'weight quantizer {q.name or "?"} is not calibrated; export a '
                            'calibrated / fine-tuned student')

@@ -316,3 +316,25 @@ def test_per_channel_activation_quantizers_for_linear_and_conv():
     assert qc.input_quantizer.scale.shape == (4,) and qc.input_quantizer.ch_axis == 1
     with pytest.raises(ValueError, match="QuantMatMul supports act.granularity='per_tensor'"):
         QuantMatMul(cfg)
+
+
+def test_weight_range_follows_the_weight_after_in_place_updates():
+    """Fine-tuning moves weights past their calibration-time range: a min-max weight
+    quantizer must follow (no clipping), and stay put while the weight does not change."""
+    from mimiq_mm.quant import QuantConfig, QuantLinear
+    torch.manual_seed(0)
+    lin = QuantLinear.from_float(nn.Linear(8, 4), QuantConfig(), keep_input_float=True)
+    lin.weight_quantizer.calibrate_from(lin.weight)
+    x = torch.randn(3, 8)
+    lin(x)
+    scale_before = lin.weight_quantizer.scale.clone()
+    lin(x)
+    assert torch.equal(lin.weight_quantizer.scale, scale_before)  # unchanged weight
+    with torch.no_grad():
+        lin.weight.mul_(3.0)  # what an optimizer step does: an in-place update
+    out = lin(x)
+    assert torch.allclose(lin.weight_quantizer.scale, 3 * scale_before)
+    wq = lin.weight_quantizer(lin.weight)
+    # the largest weight of every row is representable again (not clipped to the old range)
+    assert torch.allclose(wq.abs().amax(dim=1), lin.weight.abs().amax(dim=1), rtol=1e-6)
+    assert torch.allclose(out, torch.nn.functional.linear(x, wq, lin.bias))

@@ -85,6 +85,26 @@ class _QuantWeightMixin:
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    @torch.no_grad()
+    def sync_weight_qparams(self) -> None:
+        """Bring a range-based (non-LSQ) weight quantizer up to date with the weight.
+
+        Its per-channel range is a function of the weight, so it is recomputed whenever the
+        weight changed in place (an optimizer step, a state_dict load) since the last time;
+        otherwise fine-tuning would clip every weight that grows past its calibration-time
+        range. Tracked by the Parameter's version counter: free while the weight stays the
+        same (evaluation). Called by forward and by the exporter.
+        """
+        wq = self.weight_quantizer
+        if wq.is_initialized and not wq.cfg.lsq:
+            if self.weight._version != getattr(self, '_weight_version', None):
+                wq.calibrate_from(self.weight.detach())
+                self._weight_version = self.weight._version
+
+    def _quant_weight(self) -> torch.Tensor:
+        self.sync_weight_qparams()
+        return self.weight_quantizer(self.weight)
+
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight (per output channel) and input."""
@@ -96,7 +116,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_input(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
@@ -109,8 +129,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         return self.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quant_input(x), self.weight_quantizer(self.weight),
-                                  self.bias)
+        return self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias)
 
 
 MATMUL_ROLES = ('qk', 'av', 'generic')
