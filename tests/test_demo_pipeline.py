@@ -65,8 +65,9 @@ def test_demo_end_to_end_then_cached(tmp_path, standin_teacher, capsys):
 
     results = json.loads((work_dir / 'results.json').read_text())
     assert results == json.loads(json.dumps(summary))
-    assert [r['method'] for r in results['rows']] == ['float', 'ptq_gaussian', 'mimiq']
-    assert [r['wa'] for r in results['rows']] == ['W32A32', 'W4A4', 'W4A4']
+    assert [r['method'] for r in results['rows']] == ['float', 'ptq_gaussian', 'ptq_mimiq',
+                                                      'mimiq']
+    assert [r['wa'] for r in results['rows']] == ['W32A32', 'W4A4', 'W4A4', 'W4A4']
     for row in results['rows']:
         for key in ('bbox_mAP', 'segm_mAP'):
             value = row[key]
@@ -76,9 +77,12 @@ def test_demo_end_to_end_then_cached(tmp_path, standin_teacher, capsys):
     stages = results['stage_seconds']
     for name in ('data', 'float: eval', 'ptq_gaussian: synthesis (gaussian)',
                  'ptq_gaussian: calibration', 'ptq_gaussian: eval',
-                 'mimiq: synthesis (mimiq)', 'mimiq: calibration', 'mimiq: fine-tuning',
+                 'ptq_mimiq: synthesis (mimiq)', 'ptq_mimiq: calibration', 'ptq_mimiq: eval',
+                 'mimiq: calibration', 'mimiq: fine-tuning',
                  'mimiq: eval'):
         assert stages[name] > 0.0, name
+    # one MimiQ synthetic set, made once, used for calibration-only PTQ and for MimiQ
+    assert 'reused' in results['stage_notes']['mimiq: synthesis (mimiq)']
     # the MimiQ stage really fine-tuned from a synthetic set made by the MimiQ method
     mimiq_dir = next((work_dir / 'synthetic').glob('mimiq_*'))
     synth_manifest = json.loads((mimiq_dir / 'manifest.json').read_text())

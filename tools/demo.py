@@ -14,6 +14,8 @@ Stages (each cached in the work dir and reused by a later run unless --force):
   float     the float teacher on demo val;
   ptq       min-max PTQ of the teacher (configs/mimiq/demo_*_w4a4.py, min-max observers),
             calibrated on Gaussian-noise images, no fine-tuning;
+  ptq_mimiq the same min-max PTQ calibrated on the MimiQ synthetic images (synthesized
+            here, then reused by the next stage);
   mimiq     MimiQ: images synthesized against the teacher's backbone with the inter-head
             attention similarity loss (MimiQSynthesisHook), quantizers calibrated on them
             (MimiQCalibrationHook), HSAD + task-KD fine-tuning (MimiQDistiller, mmengine
@@ -137,7 +139,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
            model_overrides=NO_TASK_KD),
 ]}
 
-DEMO_RECIPES = ('ptq_gaussian', 'mimiq')
+DEMO_RECIPES = ('ptq_gaussian', 'ptq_mimiq', 'mimiq')
 
 
 def _as_dict(pairs) -> dict:
@@ -353,6 +355,8 @@ def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
         q[key] = dict(q.get(key, {}), bits=opts.abits)
         if recipe.observer == 'minmax':
             q[key].update(observer='minmax', lsq=False)
+        elif recipe.observer == 'minmax_lsq':  # min-max initial steps, learnt (LSQ)
+            q[key].update(observer='minmax', lsq=True)
     return q
 
 
@@ -591,7 +595,8 @@ def run_demo(args) -> dict:
     load_at_start = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     print(f'MimiQ demo ({spec.name}, {opts.bits_label}) -> {work_dir}')
 
-    print('[1/4] demo val data')
+    steps = 2 + len(DEMO_RECIPES)
+    print(f'[1/{steps}] demo val data')
     with timer('data'):
         data_root = prepare_val_data(args.data_root, opts.num_val)
         ann_file, num_val = (coco_val_subset(data_root, opts.num_val, work_dir)
@@ -601,7 +606,7 @@ def run_demo(args) -> dict:
                   data_root=str(data_root), num_val=opts.num_val)
     results: Dict[str, dict] = {}
 
-    print(f'[2/4] float teacher on {num_val} demo val images')
+    print(f'[2/{steps}] float teacher on {num_val} demo val images')
     stage_dir = work_dir / 'stages' / 'float'
     fingerprint = dict(common, stage='float')
     cached = cached_stage(stage_dir, fingerprint, args.force)
@@ -618,9 +623,9 @@ def run_demo(args) -> dict:
     base = Config.fromfile(_resolve(spec.mimiq_config))
     synth_base = work_dir / 'synthetic'
     figure_path = work_dir / 'attention_teacher_vs_student.png'
-    for step, name in ((3, 'ptq_gaussian'), (4, 'mimiq')):
+    for step, name in enumerate(DEMO_RECIPES, start=3):
         recipe = RECIPES[name]
-        print(f'[{step}/4] {recipe.label}, {opts.bits_label}')
+        print(f'[{step}/{steps}] {recipe.label}, {opts.bits_label}')
         settings = synthesis_settings(spec, recipe, opts, dict(base.synthesis), None)
         synth_dir = synthetic_dir(synth_base, settings, teacher_sha)
         stage_dir = work_dir / 'stages' / f'{name}_{opts.bits_label.lower()}'
