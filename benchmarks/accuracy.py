@@ -53,9 +53,9 @@ SMALL_NUM_TRAIN = 8
 
 #: GPU defaults (sizes of one run) and the --small CPU smoke settings.
 FULL = dict(num_val=100, num_images=128, synth_iters=200, synth_batch=32, ft_iters=300,
-            ft_batch=8, eval_batch=8, lr=1e-4)
+            ft_batch=8, eval_batch=8, lr=1e-5)
 SMALL = dict(num_val=4, num_images=2, synth_iters=2, synth_batch=2, ft_iters=2, ft_batch=2,
-             eval_batch=2, lr=1e-4)
+             eval_batch=2, lr=1e-5)
 
 
 def _load_demo():
