@@ -15,19 +15,18 @@ teacher is run too and its results are stored as ``teacher_pred_instances`` /
 evaluates them with any metric under its own prefix.
 """
 import copy
-import importlib
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.model import BaseModel
-from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
 from mimiq_mm.losses.hsad import HSAD_KINDS, hsad_loss
 from mimiq_mm.losses.task_kd import (feature_kd_loss, kl_div_with_temperature,
                                      roi_bbox_kd_loss, roi_mask_kd_loss, rpn_kd_loss)
 from mimiq_mm.registry import MODELS
+from mimiq_mm.utils.mm_builder import build_task_model
 
 #: Default weights of the task-KD terms (each multiplied by ``kd_weight``).
 DEFAULT_KD_WEIGHTS = dict(
@@ -38,44 +37,6 @@ DEFAULT_KD_WEIGHTS = dict(
 FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
-
-
-def _scope_of(type_name) -> Optional[str]:
-    if isinstance(type_name, str) and '.' in type_name:
-        return type_name.split('.', 1)[0]
-    return None
-
-
-def build_task_model(cfg: dict, scope: Optional[str] = None) -> nn.Module:
-    """Build an mmdet / mmseg model config inside the right registry scope.
-
-    ``scope`` is, in order: the argument, a ``_scope_`` key / ``'mmdet.'`` prefix in the
-    config, the current default scope (``default_scope`` of the run), then ``mmdet`` and
-    ``mmseg`` tried in turn.
-    """
-    cfg = copy.deepcopy(dict(cfg))
-    candidates = [scope, cfg.pop('_scope_', None), _scope_of(cfg.get('type'))]
-    current = DefaultScope.get_current_instance()
-    if current is not None:
-        candidates.append(current.scope_name)
-    candidates += ['mmdet', 'mmseg']
-    tried = []
-    for cand in candidates:
-        if not cand or cand in tried or cand == 'mimiq_mm':
-            continue
-        tried.append(cand)
-        try:
-            __import__(f'{cand}.models')  # registers the library's modules
-            registry = importlib.import_module(f'{cand}.registry').MODELS
-        except (ImportError, AttributeError):
-            continue
-        with DefaultScope.overwrite_default_scope(cand):
-            if registry.get(cfg['type']) is None:
-                continue
-            return registry.build(cfg)
-    raise KeyError(f"model type {cfg.get('type')!r} of the teacher config is not registered "
-                   f'in any of the scopes {tried}; set teacher._scope_ (e.g. "mmdet") or '
-                   'import the package that registers it (custom_imports).')
 
 
 def load_teacher_weights(model: nn.Module, path: str, cfg_key: str = 'teacher_checkpoint'):

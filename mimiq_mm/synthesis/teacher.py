@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimiq_mm.utils.mm_builder import build_task_model, replace_sync_bn, strip_pretrained
+
 __all__ = ['SynthesisTeacher', 'as_teacher', 'build_teacher', 'IMAGENET_MEAN', 'IMAGENET_STD']
 
 logger = logging.getLogger(__name__)
@@ -336,32 +338,10 @@ def as_teacher(teacher, **kwargs) -> SynthesisTeacher:
 
 
 # ---------------------------------------------------------------------- building from config
-def _strip_downloads(cfg):
-    """Drop ``pretrained``/``init_cfg`` entries (they may download); the checkpoint is loaded."""
-    if isinstance(cfg, dict):
-        for key in ('pretrained', 'init_cfg'):
-            if key in cfg:
-                cfg[key] = None
-        for value in cfg.values():
-            _strip_downloads(value)
-    elif isinstance(cfg, (list, tuple)):
-        for value in cfg:
-            _strip_downloads(value)
-    return cfg
-
-
 def _build_mm_model(model_cfg: dict, scope: str) -> nn.Module:
-    from mmengine.registry import DefaultScope
-    if scope == 'mmdet':
-        import mmdet.models  # noqa: F401  (registers the model classes)
-        from mmdet.registry import MODELS
-    elif scope == 'mmseg':
-        import mmseg.models  # noqa: F401
-        from mmseg.registry import MODELS
-    else:
+    if scope not in ('mmdet', 'mmseg'):
         raise ValueError(f"teacher.scope must be 'mmdet' or 'mmseg', got {scope!r}")
-    with DefaultScope.overwrite_default_scope(scope):
-        model = MODELS.build(model_cfg)
+    model = build_task_model(model_cfg, scope)
     with _quiet_mmengine_logger():
         model.init_weights()
     return model
@@ -378,18 +358,6 @@ def _quiet_mmengine_logger():
         yield
     finally:
         log.setLevel(level)
-
-
-def _sync_bn_to_bn(cfg):
-    if isinstance(cfg, dict):
-        if cfg.get('type') == 'SyncBN':
-            cfg['type'] = 'BN'
-        for value in cfg.values():
-            _sync_bn_to_bn(value)
-    elif isinstance(cfg, (list, tuple)):
-        for value in cfg:
-            _sync_bn_to_bn(value)
-    return cfg
 
 
 def build_teacher(cfg) -> SynthesisTeacher:
@@ -422,9 +390,9 @@ def build_teacher(cfg) -> SynthesisTeacher:
         if scope is None:
             raise ValueError("teacher.scope is not set and the config has no default_scope: "
                              "add teacher=dict(scope='mmdet') (or 'mmseg')")
-        _strip_downloads(model_cfg)
+        strip_pretrained(model_cfg)
         if teacher_cfg.pop('sync_bn_to_bn', True):
-            _sync_bn_to_bn(model_cfg)
+            replace_sync_bn(model_cfg)
         model = _build_mm_model(model_cfg, scope)
         description = dict(source=scope, type=model_cfg.get('type'))
     if checkpoint is None:

@@ -7,10 +7,11 @@ ever downloaded. SyncBN is replaced by BN so the models train on one CPU process
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Dict
 
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
+
+from mimiq_mm.utils.mm_builder import build_task_model, replace_sync_bn, strip_pretrained
 
 #: Upstream configs the tiny models (and the shipped mimiq configs) derive from.
 UPSTREAM = {
@@ -25,34 +26,6 @@ def load_upstream_config(name_or_path: str) -> Config:
     """Load an upstream config (``'mmdet::swin/...py'``) from the installed package."""
     from mmengine.hub import get_config
     return get_config(name_or_path, pretrained=False)
-
-
-def strip_pretrained(model_cfg: dict) -> dict:
-    """Remove every ``pretrained=`` / ``init_cfg`` that could trigger a download (in place)."""
-    if isinstance(model_cfg, dict):
-        if 'pretrained' in model_cfg:
-            model_cfg['pretrained'] = None
-        if 'init_cfg' in model_cfg:
-            model_cfg['init_cfg'] = None
-        for value in model_cfg.values():
-            strip_pretrained(value)
-    elif isinstance(model_cfg, (list, tuple)):
-        for value in model_cfg:
-            strip_pretrained(value)
-    return model_cfg
-
-
-def replace_sync_bn(model_cfg: dict) -> dict:
-    """SyncBN -> BN (in place), for single-process CPU training."""
-    if isinstance(model_cfg, dict):
-        if model_cfg.get('type') == 'SyncBN':
-            model_cfg['type'] = 'BN'
-        for value in model_cfg.values():
-            replace_sync_bn(value)
-    elif isinstance(model_cfg, (list, tuple)):
-        for value in model_cfg:
-            replace_sync_bn(value)
-    return model_cfg
 
 
 def _finish(cfg: Config) -> Config:
@@ -123,20 +96,14 @@ TINY_CONFIGS: Dict[str, Callable[..., Config]] = {
 
 
 def build_model_from_cfg(model_cfg: dict, scope: str):
-    """Build an mmdet/mmseg model from its config dict inside the right registry scope."""
+    """Build and initialise an mmdet/mmseg model; sets ``scope`` as the default scope when
+    none is set yet (mmdet/mmseg transforms and metrics look things up through it)."""
     from mmengine.registry import DefaultScope, init_default_scope
-    if scope == 'mmdet':
-        import mmdet.models  # noqa: F401  (registers)
-        from mmdet.registry import MODELS
-    elif scope == 'mmseg':
-        import mmseg.models  # noqa: F401
-        from mmseg.registry import MODELS
-    else:
+    if scope not in SCOPE.values():
         raise ValueError(f"scope must be 'mmdet' or 'mmseg', got {scope!r}")
     if DefaultScope.get_current_instance() is None:
         init_default_scope(scope)
-    with DefaultScope.overwrite_default_scope(scope):
-        model = MODELS.build(copy.deepcopy(ConfigDict(model_cfg)))
+    model = build_task_model(model_cfg, scope)
     model.init_weights()
     return model
 
