@@ -20,7 +20,7 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS, locations=['mimiq_mm.engine'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS, locations=['mimiq_mm.engine'])
 METRICS = Registry('metric', parent=MMENGINE_METRICS, locations=['mimiq_mm.engine'])
 
-# Not an mmengine registry kind: attention adapters are keyed by the attention module's
-# class (see mimiq_mm.attention). Synthesis objectives are keyed by name.
-ATTENTION_ADAPTERS = Registry('attention adapter', locations=['mimiq_mm.attention'])
+# Not an mmengine registry kind: synthesis objectives, keyed by name. (Attention adapters
+# are keyed by the attention module's CLASS, which an mmengine Registry cannot do: see
+# mimiq_mm.attention.register_adapter.)
 SYNTHESIS_METHODS = Registry('synthesis method', locations=['mimiq_mm.synthesis'])
