@@ -175,7 +175,7 @@ def teacher_student_attention_figure(teacher: torch.nn.Module, student: torch.nn
     heads = min(maps['teacher'].shape[0], MAX_HEADS_SHOWN)
     corr = [_correlation(maps['teacher'][h], maps['student'][h])
             for h in range(maps['teacher'].shape[0])]
-    fig, axes = plt.subplots(2, heads + 1, figsize=(1.9 * (heads + 1), 4.3), squeeze=False)
+    fig, axes = plt.subplots(2, heads + 1, figsize=(1.9 * (heads + 1), 5.0), squeeze=False)
     for r, key in enumerate(('teacher', 'student')):
         axes[r][0].imshow(image_rgb)
         axes[r][0].set_ylabel('float teacher' if key == 'teacher' else 'W/A quantized\nstudent',
@@ -192,7 +192,7 @@ def teacher_student_attention_figure(teacher: torch.nn.Module, student: torch.nn
     what = (f'{layer}: attention received per key token (softmax over keys, mean over the '
             'queries of its window), min-max normalised per panel')
     fig.suptitle(f'{title}\n{what}' if title else what, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5)  # room for the student row's titles
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
