@@ -11,17 +11,10 @@ from mimiq_mm.attention import (AttentionAdapter, AttentionRecorder, Unsupported
                                 adapt_attention_, find_attention_modules, get_adapter,
                                 is_adapted, register_adapter, restore_attention_)
 from mimiq_mm.quant.modules import MatMul
+from mimiq_mm.testing import randomize_parameters_
 
 ATOL = 1e-5  # fp32 tolerance for adapted vs library forward
 
-
-def _randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial values for every parameter (relative-position tables start at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return module
 
 
 def _shift_mask(num_windows: int, num_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -45,7 +38,7 @@ def _window_modules():
 @pytest.mark.parametrize('family', ['mmdet', 'mmseg', 'timm'])
 @pytest.mark.parametrize('with_mask', [False, True])
 def test_window_attention_matches_library(family, with_mask):
-    module = _randomize_(_window_modules()[family]()).eval()
+    module = randomize_parameters_(_window_modules()[family]()).eval()
     original = copy.deepcopy(module)
     keys = list(module.state_dict())
     x = torch.randn(2 * 3, 12, 32)  # batch 3, 2 windows of 3x4 tokens
@@ -65,7 +58,7 @@ def test_window_attention_matches_library(family, with_mask):
 
 def test_window_attention_train_mode_dropout_same_rng():
     """attn_drop is the module's own Dropout: same RNG stream, same result in training."""
-    module = _randomize_(_window_modules()['mmdet']()).train()
+    module = randomize_parameters_(_window_modules()['mmdet']()).train()
     original = copy.deepcopy(module)
     adapt_attention_(module)
     x = torch.randn(4, 12, 32)
@@ -85,11 +78,11 @@ def _grads(module, loss_fn):
 def test_gradients_match_library(family):
     """The student is trained through the adapted forward: parameter gradients must match."""
     if family == 'mha':
-        module = _randomize_(nn.MultiheadAttention(32, 4, batch_first=True))
+        module = randomize_parameters_(nn.MultiheadAttention(32, 4, batch_first=True))
         x = torch.randn(2, 6, 32)
         loss = lambda m: m(x, x, x)[0].pow(2).sum()  # noqa: E731
     else:
-        module = _randomize_(_window_modules()[family]())
+        module = randomize_parameters_(_window_modules()[family]())
         x, mask = torch.randn(4, 12, 32), _shift_mask(2, 12)
         loss = lambda m: m(x, mask).pow(2).sum()  # noqa: E731
     module.eval()
@@ -103,7 +96,7 @@ def test_gradients_match_library(family):
 
 
 def test_idempotent_and_restore_window():
-    module = _randomize_(_window_modules()['timm']())
+    module = randomize_parameters_(_window_modules()['timm']())
     original_class = type(module)
     keys = list(module.state_dict())
     params = {n: p for n, p in module.named_parameters()}
@@ -148,7 +141,7 @@ def _timm_attention(**kwargs):
 ])
 @pytest.mark.parametrize('fused', [True, False])
 def test_timm_attention_matches_library(kwargs, fused):
-    module = _randomize_(_timm_attention(**kwargs)).eval()
+    module = randomize_parameters_(_timm_attention(**kwargs)).eval()
     module.fused_attn = fused  # the adapted forward is always the explicit one
     original = copy.deepcopy(module)
     adapt_attention_(module)
@@ -167,7 +160,7 @@ def test_timm_attention_gated_if_available():
 
     from timm.layers import Attention
     gated = 'gated' in inspect.signature(Attention.__init__).parameters
-    module = _randomize_(_timm_attention(**(dict(gated=True) if gated else {}))).eval()
+    module = randomize_parameters_(_timm_attention(**(dict(gated=True) if gated else {}))).eval()
     assert (getattr(module, 'gate', None) is not None) == gated
     original = copy.deepcopy(module)
     adapt_attention_(module)
@@ -181,7 +174,7 @@ def test_timm_attention_gated_if_available():
 @pytest.mark.parametrize('batch_first', [False, True])
 @pytest.mark.parametrize('bias', [True, False])
 def test_multihead_attention_matches_torch(batch_first, bias):
-    module = _randomize_(nn.MultiheadAttention(32, 4, bias=bias, batch_first=batch_first))
+    module = randomize_parameters_(nn.MultiheadAttention(32, 4, bias=bias, batch_first=batch_first))
     module.eval()
     original = copy.deepcopy(module)
     adapt_attention_(module)
@@ -210,7 +203,7 @@ def test_multihead_attention_matches_torch(batch_first, bias):
 
 
 def test_multihead_attention_dropout_training_same_rng():
-    module = _randomize_(nn.MultiheadAttention(32, 4, dropout=0.2, batch_first=True)).train()
+    module = randomize_parameters_(nn.MultiheadAttention(32, 4, dropout=0.2, batch_first=True)).train()
     original = copy.deepcopy(module)
     adapt_attention_(module)
     x = torch.randn(2, 5, 32)
@@ -262,7 +255,7 @@ def test_mmcv_multihead_attention_wrapper():
     """mmcv's MultiheadAttention (batch_first, used by mmseg ViT) wraps nn.MultiheadAttention;
     the inner module is adapted and the wrapper's output is unchanged."""
     from mmcv.cnn.bricks.transformer import MultiheadAttention
-    wrapper = _randomize_(MultiheadAttention(32, 4, batch_first=True)).eval()
+    wrapper = randomize_parameters_(MultiheadAttention(32, 4, batch_first=True)).eval()
     original = copy.deepcopy(wrapper)
     assert list(find_attention_modules(wrapper)) == ['attn']
     adapt_attention_(wrapper)
@@ -348,7 +341,7 @@ def test_register_adapter_validates():
 
 def test_pickle_round_trip_of_adapted_model():
     import pickle
-    model = nn.Sequential(_randomize_(_timm_attention()), nn.MultiheadAttention(32, 4)).eval()
+    model = nn.Sequential(randomize_parameters_(_timm_attention()), nn.MultiheadAttention(32, 4)).eval()
     adapt_attention_(model)
     clone = pickle.loads(pickle.dumps(model))
     assert type(clone[0]) is type(model[0]) and is_adapted(clone[1])
@@ -360,7 +353,7 @@ def test_pickle_round_trip_of_adapted_model():
 
 
 def test_deepcopy_of_adapted_model():
-    model = nn.Sequential(_randomize_(_timm_attention())).eval()
+    model = nn.Sequential(randomize_parameters_(_timm_attention())).eval()
     adapt_attention_(model)
     clone = copy.deepcopy(model)
     assert is_adapted(clone[0]) and clone[0].qk_matmul is not model[0].qk_matmul

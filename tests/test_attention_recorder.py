@@ -13,16 +13,10 @@ from mimiq_mm.attention import (AttentionAdapter, AttentionRecord, AttentionReco
                                 adapt_attention_, find_attention_modules, is_adapted,
                                 register_adapter, restore_attention_)
 from mimiq_mm.attention.adapter import _SINKS
+from mimiq_mm.testing import randomize_parameters_
 
 ATOL = 1e-5  # fp32
 
-
-def _randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return module
 
 
 def _no_hooks_left(model: nn.Module) -> bool:
@@ -93,7 +87,7 @@ def test_window_records_equal_reference(family):
         'mmseg': lambda: MMSegWindowMSA(24, 3, (2, 3)),
         'timm': lambda: WindowAttention(24, 3, window_size=(2, 3)),
     }[family]
-    module = adapt_attention_(_randomize_(build()).eval())
+    module = adapt_attention_(randomize_parameters_(build()).eval())
     x = torch.randn(4, 6, 24)  # batch 2, 2 windows of 2x3
     mask = torch.zeros(2, 6, 6)
     mask[1, :3, 3:] = mask[1, 3:, :3] = -100.0
@@ -114,7 +108,7 @@ def test_window_records_equal_reference(family):
 
 def test_timm_vit_attention_records_equal_reference():
     from timm.layers import Attention
-    module = _randomize_(Attention(32, num_heads=4, qkv_bias=True, qk_norm=True,
+    module = randomize_parameters_(Attention(32, num_heads=4, qkv_bias=True, qk_norm=True,
                                    norm_layer=nn.LayerNorm)).eval()
     adapt_attention_(module, num_prefix_tokens=1)
     x = torch.randn(2, 5, 32)
@@ -129,7 +123,7 @@ def test_timm_vit_attention_records_equal_reference():
 
 @pytest.mark.parametrize('batch_first', [True, False])
 def test_multihead_attention_records_equal_reference(batch_first):
-    module = _randomize_(nn.MultiheadAttention(32, 4, batch_first=batch_first)).eval()
+    module = randomize_parameters_(nn.MultiheadAttention(32, 4, batch_first=batch_first)).eval()
     model = nn.ModuleDict(dict(attn=module))
     adapt_attention_(model)
     query, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)

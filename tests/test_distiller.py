@@ -12,15 +12,6 @@ from mimiq_mm.losses.task_kd import (feature_kd_loss, kl_div_with_temperature,
                                      sigmoid_kd_loss)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
-    (it is ~5x faster here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @dataclass
 class _Rec:  # same fields as mimiq_mm.attention.AttentionRecord

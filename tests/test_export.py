@@ -13,13 +13,6 @@ from mimiq_mm.export import (build_quantized_model, export_quantized, float_stat
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize('numel', [1, 2, 7, 64])
 def test_pack_unpack_int4_roundtrip(numel):

@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

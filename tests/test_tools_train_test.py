@@ -13,15 +13,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
-    (it is ~5x faster here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tool(name):
     spec = importlib.util.spec_from_file_location(f'mimiq_tool_{name}',

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import torch
+from torch import nn
+
 from mmengine.config import Config
 
 from mimiq_mm.utils.mm_builder import build_task_model, replace_sync_bn, strip_pretrained
@@ -130,3 +133,13 @@ def tiny_timm_swin(img_size: int = 32, **kwargs):
     params.update(kwargs)
     return timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
                              img_size=img_size, **params)
+
+
+def randomize_parameters_(module: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
+    """Non-trivial values for every parameter, in place (e.g. relative-position tables
+    start at zero, which would hide a wrong bias index)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
