@@ -7,13 +7,22 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from ..losses.attention_similarity import DEFAULT_MAX_CHUNK_ELEMENTS
 
-__all__ = ['SynthesisConfig', 'METHODS', 'TASK_LOSSES', 'RESUME_IGNORED_KEYS']
+__all__ = ['SynthesisConfig', 'METHODS', 'TASK_LOSSES', 'RESUME_IGNORED_KEYS', 'COMPILE_SCOPES',
+           'COMPILE_MODES']
 
 METHODS = ('mimiq', 'gaussian', 'psaq', 'real')
 TASK_LOSSES = ('none', 'classifier', 'task')
 TV_REDUCTIONS = ('norm', 'mean')
-#: Settings that do not change the generated images: they may differ when a run resumes.
-RESUME_IGNORED_KEYS = frozenset({'device', 'compile', 'log_interval', 'figures',
+#: ``synthesis.compile``: False/'none' (eager), True/'loss' (L_sim only), 'full' (the whole
+#: teacher forward + L_sim + TV step, forward and backward).
+COMPILE_SCOPES = ('none', 'loss', 'full')
+#: ``synthesis.compile_mode``: the ``mode`` given to ``torch.compile`` (None: its default).
+COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune',
+                 'max-autotune-no-cudagraphs')
+#: Settings that do not change the generated images (beyond float rounding): they may
+#: differ when a run resumes.
+RESUME_IGNORED_KEYS = frozenset({'device', 'compile', 'compile_mode', 'tf32', 'log_interval',
+                                 'figures',
                                  'contact_sheet_max', 'figure_layer', 'progress',
                                  'check_images_on_resume', 'max_chunk_elements'})
 
@@ -55,10 +64,16 @@ class SynthesisConfig:
     # 'real' baseline
     real_root: Optional[str] = None
     real_extensions: Tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-    # speed: bf16 autocast of the teacher forward; torch.compile of the L_sim computation
-    # (the teacher itself runs eager: the attention recorder has Python side effects)
+    # speed: bf16 autocast of the teacher forward (L_sim statistics stay float32);
+    # torch.compile: False/'none', True/'loss' (the L_sim computation only), 'full' (teacher
+    # forward under the attention recorder + L_sim + TV, and their backward, as one compiled
+    # function; the task term, if any, is traced too); compile_mode: torch.compile's mode
+    # (e.g. 'max-autotune-no-cudagraphs'); tf32: float32 matmuls in TF32 on CUDA
+    # (torch.set_float32_matmul_precision('high') while optimising)
     bf16: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False
+    compile_mode: Optional[str] = None
+    tf32: bool = False
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
     device: Optional[str] = None
     # reporting
@@ -85,6 +100,12 @@ class SynthesisConfig:
                 raise ValueError(f'synthesis.{name} must be >= 1, got {getattr(self, name)}')
         if self.iterations < 0:
             raise ValueError(f'synthesis.iterations must be >= 0, got {self.iterations}')
+        if self.compile not in (False, True) + COMPILE_SCOPES:
+            raise ValueError(f'synthesis.compile must be False, True (= {"loss"!r}) or one of '
+                             f'{COMPILE_SCOPES}, got {self.compile!r}')
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f'synthesis.compile_mode must be one of {COMPILE_MODES}, '
+                             f'got {self.compile_mode!r}')
         size = self.image_size
         if isinstance(size, int):
             size = (size, size)
@@ -101,6 +122,15 @@ class SynthesisConfig:
         if self.method == 'real' and not self.real_root:
             raise ValueError("synthesis.method='real' needs synthesis.real_root=<folder of "
                              'images> (e.g. --cfg-options synthesis.real_root=data/coco/val2017)')
+
+    @property
+    def compile_scope(self) -> str:
+        """``synthesis.compile`` as one of :data:`COMPILE_SCOPES` (True means ``'loss'``)."""
+        if self.compile is True:
+            return 'loss'
+        if self.compile is False:
+            return 'none'
+        return self.compile
 
     @property
     def num_batches(self) -> int:

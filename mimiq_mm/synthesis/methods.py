@@ -109,12 +109,39 @@ class SynthesisMethod:
         return torch.maximum(torch.minimum(x, high), low)
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision: Optional[str]):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block (None: unchanged)."""
+    if precision is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class PixelOptimisation(SynthesisMethod):
     """AdamW on the pixels with cosine lr, jitter/noise/colour augmentation and clamping."""
 
     def objective(self, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
         """Loss terms on the augmented batch; must contain ``'loss'`` (weighted sum)."""
         raise NotImplementedError
+
+    def add_tv(self, terms: Dict[str, Tensor], x: Tensor) -> Dict[str, Tensor]:
+        """Add the TV prior of the (un-augmented) pixels ``x`` to ``terms`` (float32 loss)."""
+        tv = total_variation_l2(x, self.cfg.tv_reduction)
+        terms['tv'] = tv
+        terms['loss'] = terms['loss'].float() + self.cfg.w_tv * tv
+        return terms
+
+    def step_terms(self, x_aug: Tensor, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
+        """All loss terms of one step (objective on ``x_aug`` under autocast, TV on ``x``)."""
+        with self.autocast(x.device):
+            terms = self.objective(x_aug, generator)
+        return self.add_tv(terms, x)
 
     def task_term(self, x: Tensor, generator: torch.Generator) -> Optional[Tensor]:
         if self.cfg.task_loss == 'none' or self.cfg.w_task == 0:
@@ -133,29 +160,27 @@ class PixelOptimisation(SynthesisMethod):
         first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
         history: List[Dict[str, float]] = []
         last: Dict[str, float] = {}
-        for step in range(cfg.iterations):
-            optimizer.zero_grad(set_to_none=True)
-            shift = jitter_for_step(step, cfg.iterations, cfg.jitter)
-            x_aug = augment(x, shift, cfg.noise_std, cfg.color_jitter, ctx.generator)
-            with self.autocast(ctx.device):
-                terms = self.objective(x_aug, ctx.generator)
-            tv = total_variation_l2(x, cfg.tv_reduction)
-            terms['tv'] = tv
-            terms['loss'] = terms['loss'].float() + cfg.w_tv * tv
-            finite = torch.isfinite(terms['loss']) & torch.isfinite(x).all()
-            first_bad = torch.where((~finite) & (first_bad < 0),
-                                    torch.full_like(first_bad, step), first_bad)
-            terms['loss'].backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                torch.maximum(torch.minimum(x, high), low, out=x)
-            if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.iterations:
-                last = {k: float(v.detach()) for k, v in terms.items()}
-                self._raise_if_bad(first_bad, ctx, last)
-                history.append({'step': step + 1, **last})
-                if ctx.progress is not None:
-                    ctx.progress(step + 1 - (history[-2]['step'] if len(history) > 1 else 0), last)
+        with float32_matmul_precision('high' if cfg.tf32 else None):
+            for step in range(cfg.iterations):
+                optimizer.zero_grad(set_to_none=True)
+                shift = jitter_for_step(step, cfg.iterations, cfg.jitter)
+                x_aug = augment(x, shift, cfg.noise_std, cfg.color_jitter, ctx.generator)
+                terms = self.step_terms(x_aug, x, ctx.generator)
+                finite = torch.isfinite(terms['loss']) & torch.isfinite(x).all()
+                first_bad = torch.where((~finite) & (first_bad < 0),
+                                        torch.full_like(first_bad, step), first_bad)
+                terms['loss'].backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    torch.maximum(torch.minimum(x, high), low, out=x)
+                if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.iterations:
+                    last = {k: float(v.detach()) for k, v in terms.items()}
+                    self._raise_if_bad(first_bad, ctx, last)
+                    history.append({'step': step + 1, **last})
+                    if ctx.progress is not None:
+                        done = history[-2]['step'] if len(history) > 1 else 0
+                        ctx.progress(step + 1 - done, last)
         x = x.detach()
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteSynthesisError(ctx.batch_index, cfg.iterations, last)
@@ -175,29 +200,67 @@ class MimiQSynthesis(PixelOptimisation):
     needs_attention = True
 
     def objective(self, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
-        from ..attention import AttentionRecorder
         if self.cfg.w_sim == 0:      # ablation: task (+ TV) only, no attention recording
             task = self.task_term(x, generator)
             if task is None:
                 raise ValueError("synthesis with w_sim=0 needs a task term: set "
                                  "task_loss='task' or 'classifier' and w_task > 0")
             return {'task': task, 'loss': self.cfg.w_task * task}
-        with AttentionRecorder(self.teacher.attention_scope) as rec:
-            task = self.task_term(x, generator)
-            if task is None:
-                self.teacher.features(x)
-        if not rec.records:
+        with self.recorder() as rec:
+            return self.recorded_objective(x, generator, rec)
+
+    def recorder(self):
+        from ..attention import AttentionRecorder
+        return AttentionRecorder(self.teacher.attention_scope)
+
+    def recorded_objective(self, x: Tensor, generator: torch.Generator,
+                           rec) -> Dict[str, Tensor]:
+        """L_sim (+ task) terms; ``rec`` is an active recorder of the attention scope.
+
+        The records are taken out of ``rec`` before L_sim is computed, so no tensor is left
+        in the recorder: under ``torch.compile`` the logits stay inside the graph instead of
+        becoming outputs (the recorder's list is a side effect dynamo replays).
+        """
+        task = self.task_term(x, generator)
+        if task is None:
+            self.teacher.features(x)
+        records = list(rec.records)
+        rec.records.clear()
+        if not records:
             raise RuntimeError(
                 f'no attention records from {type(self.teacher.attention_scope).__name__}: '
                 "method 'mimiq' needs attention layers that mimiq_mm.attention supports")
-        sim = inter_head_similarity_loss(rec.records,
+        sim = inter_head_similarity_loss(records,
                                          max_chunk_elements=self.cfg.max_chunk_elements,
-                                         compiled=self.cfg.compile)
+                                         compiled=self.cfg.compile_scope == 'loss')
         terms = {'sim': sim, 'loss': self.cfg.w_sim * sim}
         if task is not None:
             terms['task'] = task
             terms['loss'] = terms['loss'] + self.cfg.w_task * task
         return terms
+
+    def _full_step(self, x_aug: Tensor, x: Tensor, generator: torch.Generator,
+                   rec) -> Dict[str, Tensor]:
+        with self.autocast(x.device):
+            terms = self.recorded_objective(x_aug, generator, rec)
+        return self.add_tv(terms, x)
+
+    def compiled_step(self, backend: str = 'inductor') -> Callable:
+        """``torch.compile`` of :meth:`_full_step`, built on the first call (``backend`` counts
+        only then; tests use ``'aot_eager'``). ``dynamic=False``: one graph per batch shape,
+        so a smaller last batch compiles once more."""
+        fn = self.__dict__.get('_compiled_full_step')
+        if fn is None:
+            fn = torch.compile(self._full_step, backend=backend, dynamic=False,
+                               mode=self.cfg.compile_mode)
+            self._compiled_full_step = fn
+        return fn
+
+    def step_terms(self, x_aug: Tensor, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
+        if self.cfg.compile_scope != 'full' or self.cfg.w_sim == 0:
+            return super().step_terms(x_aug, x, generator)
+        with self.recorder() as rec:
+            return self.compiled_step()(x_aug, x, generator, rec)
 
 
 @SYNTHESIS_METHODS.register_module(name='psaq')
