@@ -7,6 +7,12 @@
   batches before the first train step; skipped when every quantizer is already initialised
   (resume, or ``load_from`` a MimiQ checkpoint: the quantizer state lives in buffers /
   parameters and so in the checkpoint).
+
+Under DDP (torchrun, ``--launcher pytorch``) each rank synthesizes its shard of the set, and
+each rank observes ``num_batches`` batches of its own part of the data; the observer
+statistics are then merged across ranks (:func:`sync_observers_`) so that the ranges come
+from all of them, and rank 0's student state is broadcast so every rank starts fine-tuning
+from bit-identical quantizers.
 """
 import copy
 import glob
@@ -23,7 +29,7 @@ from mmengine.logging import print_log
 
 from mimiq_mm.registry import HOOKS
 
-SYNTH_POLL_SECONDS = 10.0
+SYNTH_POLL_SECONDS = 1.0  # how often a rank looks for the other ranks' batches
 
 
 def synthetic_set_complete(data_root: str, num_batches: Optional[int] = None) -> bool:
@@ -130,6 +136,39 @@ class MimiQSynthesisHook(Hook):
                                'built, or run tools/generate.py first.')
 
 
+#: How the observer buffers of the ranks combine (mimiq_mm/quant/observers.py): exact for
+#: the running min/max, the batch counts and the sums; ``ema_*`` (order-dependent) averaged.
+OBSERVER_REDUCE_OPS = {'min_val': 'min', 'max_val': 'max', 'num_batches': 'sum',
+                       'sum_lo': 'sum', 'sum_hi': 'sum', 'abs_sum': 'sum', 'count': 'sum',
+                       'ema_lo': 'mean', 'ema_hi': 'mean'}
+
+
+@torch.no_grad()
+def sync_observers_(model) -> int:
+    """All-reduce the statistics of every observer in ``model`` across the ranks (in place),
+    so that qparams computed from them cover the data seen by all ranks: min/max over
+    the union, batch-averaged ranges and mean|x| over all batches. Buffers with no rule in
+    :data:`OBSERVER_REDUCE_OPS` are left alone (the caller broadcasts rank 0's state
+    afterwards). Every rank must call it (same model structure). Returns the number of
+    buffers reduced; 0 when not distributed."""
+    if dist.get_world_size() <= 1:
+        return 0
+    from mimiq_mm.quant.observers import Observer
+    reduced = 0
+    for module in model.modules():
+        if not isinstance(module, Observer):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            op = OBSERVER_REDUCE_OPS.get(name)
+            if op is None:
+                continue
+            if op == 'mean' and not buf.is_floating_point():
+                continue
+            dist.all_reduce(buf, op=op)
+            reduced += 1
+    return reduced
+
+
 def student_quantizers(model):
     from mimiq_mm.quant.quantizers import Quantizer
     return [m for m in model.student.modules() if isinstance(m, Quantizer)]
@@ -140,7 +179,8 @@ class MimiQCalibrationHook(Hook):
     """Calibrate the student's quantizers before the first training step.
 
     Args:
-        num_batches: synthetic batches to observe.
+        num_batches: synthetic batches to observe (per rank under DDP: with a fixed global
+            batch the ranks together observe as many images as one process does).
         dataloader: optional dataloader config for calibration (default: a second loader
             built from the train dataloader config, so the training data order is
             unaffected).
@@ -178,19 +218,23 @@ class MimiQCalibrationHook(Hook):
                              '`dataloader` or the config\'s train_dataloader)')
         loader = runner.build_dataloader(copy.deepcopy(loader_cfg), seed=runner.seed)
         self.calibrate(model, loader, self.num_batches)
-        if dist.get_world_size() > 1:  # every rank starts from rank 0's quantizers
+        if dist.get_world_size() > 1:  # bit-identical quantizers on every rank
             state = [{k: v.cpu() for k, v in model.student.state_dict().items()}]
             dist.broadcast_object_list(state, src=0)
             model.student.load_state_dict(state[0])
         n_init = sum(q.is_initialized for q in quantizers)
+        world = dist.get_world_size()
+        where = f' per rank, statistics merged over {world} ranks' if world > 1 else ''
         print_log(f'Calibrated {n_init}/{len(quantizers)} quantizers on {self.num_batches} '
-                  'synthetic batches.', logger='current')
+                  f'synthetic batches{where}.', logger='current')
 
     @staticmethod
     @torch.no_grad()
     def calibrate(model, loader, num_batches: int) -> None:
         """Observe ``num_batches`` batches of ``loader`` through the student's loss path
-        (the student's forward runs in float while the observers collect statistics)."""
+        (the student's forward runs in float while the observers collect statistics).
+        Distributed: every rank observes ``num_batches`` batches of its own shard and the
+        statistics are merged across ranks before the qparams are computed."""
         from mimiq_mm.quant import calibration_mode
         seen = 0
         with calibration_mode(model.student):
@@ -200,5 +244,6 @@ class MimiQCalibrationHook(Hook):
                 seen += 1
                 if seen >= num_batches:
                     break
-        if seen == 0:
-            raise RuntimeError('Calibration saw no batch: the dataloader is empty.')
+            if seen == 0:
+                raise RuntimeError('Calibration saw no batch: the dataloader is empty.')
+            sync_observers_(model.student)
