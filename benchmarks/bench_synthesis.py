@@ -4,14 +4,20 @@
 One iteration = forward of the Mask R-CNN Swin-T backbone (the real upstream config
 ``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, init_cfg removed) under an attention
 recorder, L_sim over all its attention layers + TV, backward to the input pixels, and the
-AdamW step on the pixels (teacher weights get no gradients); ``--compile`` compiles the
-L_sim computation as ``synthesis.compile=True`` does. FLOPs are counted with
-``torch.utils.flop_counter.FlopCounterMode`` for one forward+backward.
+AdamW step on the pixels (teacher weights get no gradients), run through
+``MimiQSynthesis.step_terms`` with the variant's synthesis settings (see ``parse_variant``:
+fp32 / tf32 / bf16, ``+compile-loss``, ``+compile-full``, ``+autotune``, ``+nochunk``).
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` for one eager
+forward+backward.
 
-    python benchmarks/bench_synthesis.py            # CUDA: batch 16/64/128 x 224/512 px
+    python benchmarks/bench_synthesis.py            # CUDA: batch 16/64/128 x 224/512 px, fp32
     python benchmarks/bench_synthesis.py --small    # CPU: tiny sizes
+    python benchmarks/bench_synthesis.py --variants bf16 bf16+compile-full \
+        --batches 64 128 --sizes 224 --time-budget 200
 
-Writes ``benchmarks/results/bench_synthesis_<device>.{json,md}``.
+Adds a run (machine, card, commit, rows) to ``benchmarks/results/bench_synthesis_<device>.json``
+and rewrites the ``.md`` from all runs, newest first (``--replace`` drops the earlier runs;
+hand-written notes after the generated part are kept). Results are written after every row.
 """
 import argparse
 import copy
@@ -54,26 +60,70 @@ def build_backbone(device):
     return backbone, cfg.model.data_preprocessor
 
 
-def make_step(backbone, x, bf16: bool, compile_: bool):
-    from mimiq_mm.attention import AttentionRecorder
-    from mimiq_mm.losses.attention_similarity import inter_head_similarity_loss
-    from mimiq_mm.losses.tv import total_variation_l2
-    optimizer = torch.optim.AdamW([x], lr=0.1, betas=(0.9, 0.999), weight_decay=1e-6)
+# ---------------------------------------------------------------- variants
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+VARIANT_FLAGS = {'compile-loss': ('compile', 'loss'), 'compile-full': ('compile', 'full'),
+                 'autotune': ('compile_mode', 'max-autotune-no-cudagraphs'),
+                 'nochunk': ('max_chunk_elements', 1 << 62)}
+DEFAULT_VARIANTS = ('fp32',)
 
-    def loss_fn(inp, compiled=False):
-        with torch.autocast(inp.device.type, dtype=torch.bfloat16, enabled=bf16):
-            with AttentionRecorder(backbone) as rec:
-                backbone(inp)
-            loss = inter_head_similarity_loss(rec.records, compiled=compiled)
-        return loss + 2.5e-5 * total_variation_l2(inp)
+
+def parse_variant(name: str) -> dict:
+    """'bf16+compile-full+autotune' -> SynthesisConfig settings.
+
+    First part: fp32 | tf32 (fp32 with TF32 matmuls) | bf16 (autocast). Then any of
+    compile-loss (synthesis.compile='loss'), compile-full ('full'), autotune
+    (compile_mode='max-autotune-no-cudagraphs'), nochunk (no L_sim query chunks, hence no
+    activation checkpointing of them).
+    """
+    precision, *flags = name.split('+')
+    if precision not in PRECISIONS:
+        raise ValueError(f'variant {name!r}: first part must be one of {PRECISIONS}')
+    settings = dict(bf16=precision == 'bf16', tf32=precision == 'tf32')
+    for flag in flags:
+        if flag not in VARIANT_FLAGS:
+            raise ValueError(f'variant {name!r}: unknown part {flag!r}; valid: '
+                             f'{sorted(VARIANT_FLAGS)}')
+        key, value = VARIANT_FLAGS[flag]
+        settings[key] = value
+    if 'compile_mode' in settings and settings.get('compile', 'none') == 'none':
+        raise ValueError(f'variant {name!r}: autotune needs compile-loss or compile-full')
+    return settings
+
+
+def build_method(teacher, variant: str, batch: int, size: int):
+    from mimiq_mm.synthesis import SynthesisConfig
+    from mimiq_mm.synthesis import build_method as build
+    cfg = SynthesisConfig(batch_size=batch, image_size=size, progress=False, figures=False,
+                          **parse_variant(variant))
+    return build(cfg, teacher, attention=True)
+
+
+def make_step(method, x):
+    """One iteration of the synthesis loop without augmentation: the method's own step
+    (eager, L_sim compiled, or the whole step compiled), backward, AdamW on the pixels."""
+    optimizer = torch.optim.AdamW([x], lr=0.1, betas=(0.9, 0.999), weight_decay=1e-6)
+    generator = torch.Generator(device=x.device).manual_seed(0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(x, compile_)
+        loss = method.step_terms(x, x, generator)['loss']
         loss.backward()
         optimizer.step()
         return loss
-    return step, loss_fn
+    return step
+
+
+def count_flops(teacher, batch, size, device, settings):
+    """FLOPs of one eager forward+backward (the same math as every variant; with L_sim query
+    chunks the checkpoint recomputation is included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    eager = build_method(teacher, 'fp32' + ('+nochunk' if settings.get('max_chunk_elements')
+                                            else ''), batch, size)
+    x = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        eager.step_terms(x, x, None)['loss'].backward()
+    return counter.get_total_flops()
 
 
 def sync(device):
@@ -81,33 +131,65 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_one(backbone, batch, size, device, iterations, warmup, bf16, compile_):
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
-    step, eager_loss = make_step(backbone, x, bf16, compile_)
-    with FlopCounterMode(display=False) as counter:
-        eager_loss(x).backward()
-    flops = counter.get_total_flops()
-    x.grad = None
-    for _ in range(warmup):
-        step()
-    sync(device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        loss = step()
-    sync(device)
-    seconds = time.perf_counter() - start
-    row = dict(batch=batch, size=size, bf16=bf16, compile=compile_, iterations=iterations,
+def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_cache):
+    from mimiq_mm.synthesis.methods import float32_matmul_precision
+    settings = parse_variant(variant)
+    key = (batch, size, 'max_chunk_elements' in settings)
+    if key not in flops_cache:
+        flops_cache[key] = count_flops(teacher, batch, size, device, settings)
+    flops = flops_cache[key]
+    torch._dynamo.reset()
+    method = build_method(teacher, variant, batch, size)
+    gen = torch.Generator(device=device).manual_seed(batch * 1000 + size)
+    x = torch.randn(batch, 3, size, size, device=device, generator=gen).requires_grad_(True)
+    step = make_step(method, x)
+    with float32_matmul_precision('high' if settings['tf32'] else None):
+        sync(device)
+        start = time.perf_counter()
+        first_loss = float(step().detach())   # same pixels in every variant: compare this
+        for _ in range(warmup - 1):           # torch.compile compiles in the first step
+            step()
+        sync(device)
+        warmup_s = time.perf_counter() - start
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            loss = step()
+        sync(device)
+        seconds = time.perf_counter() - start
+    row = dict(variant=variant, batch=batch, size=size, bf16=settings['bf16'],
+               tf32=settings['tf32'], compile=settings.get('compile', 'none'),
+               compile_mode=settings.get('compile_mode'), iterations=iterations,
+               warmup_s=warmup_s,
                seconds_per_iter=seconds / iterations,
                image_iters_per_s=batch * iterations / seconds,
                gflop_per_iter=flops / 1e9,
                tflops=flops * iterations / seconds / TERA,
-               loss=float(loss.detach()))
+               first_loss=first_loss, loss=float(loss.detach()))
     if device.type == 'cuda':
         row['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
+
+
+def _legacy_variant(row):
+    name = 'bf16' if row.get('bf16') else 'fp32'
+    if row.get('compile') in (True, 'loss'):
+        name += '+compile-loss'
+    return name
+
+
+def git_commit(default='unknown'):
+    import subprocess
+    try:
+        sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE.parent,
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--',
+                                'mimiq_mm', 'benchmarks/bench_synthesis.py'], cwd=HERE.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ('-dirty' if dirty else '')
+    except (OSError, subprocess.SubprocessError):
+        return default
 
 
 def machine_info(device):
@@ -135,75 +217,181 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def to_markdown(info, rows):
-    lines = [f"# bench_synthesis ({info['device']}, {info['card']})", '',
-             f"machine: {info['host']} / {info['platform']} / {info['cpu']}, "
-             f"{info['threads']} threads; torch {info['torch']}; {info['date']}", '',
-             'One iteration: Swin-T backbone (Mask R-CNN config) forward under the attention '
-             'recorder + L_sim + TV, backward to the pixels, AdamW step.',
+GENERATED_BEGIN = '<!-- bench_synthesis runs (generated, newest first) -->'
+GENERATED_END = '<!-- end of generated runs; notes below are kept -->'
+
+
+def run_to_markdown(run):
+    info, rows = run['machine'], run['rows']
+    lines = [f"## {info.get('date', '?')}: {info.get('card', '?')}, commit "
+             f"{info.get('commit', '?')}, torch {info.get('torch', '?')}", '',
+             f"machine: {info.get('host', '?')} / {info.get('platform', '?')} / "
+             f"{info.get('cpu', '?')}, {info.get('threads', '?')} threads "
+             f"({info.get('device', '?')}, {info.get('card', '?')})",
              *([f"note: {info['note']}"] if info.get('note') else []), '',
-             '| batch | px | bf16 | compile | s/iter | img-iter/s | GFLOP/iter | TFLOP/s | peak GiB |',
-             '|---|---|---|---|---|---|---|---|---|']
+             '| variant | batch | px | s/iter | img-iter/s | GFLOP/iter | TFLOP/s | peak GiB '
+             '| warm-up s | loss, step 1 |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
+        variant = r.get('variant') or _legacy_variant(r)
         if 'error' in r:
-            lines.append(f"| {r['batch']} | {r['size']} | {r['bf16']} | {r['compile']} | "
-                         f"{r['error']} | | | | |")
+            lines.append(f"| {variant} | {r['batch']} | {r['size']} | {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['batch']} | {r['size']} | {r['bf16']} | {r['compile']} | "
+        warm, first = r.get('warmup_s'), r.get('first_loss')
+        lines.append(f"| {variant} | {r['batch']} | {r['size']} | "
                      f"{r['seconds_per_iter']:.4f} | {r['image_iters_per_s']:.2f} | "
                      f"{r['gflop_per_iter']:.1f} | {r['tflops']:.3f} | "
-                     f"{_fmt_mem(r.get('peak_mem_gib'))} |")
+                     f"{_fmt_mem(r.get('peak_mem_gib'))} | "
+                     f"{'-' if warm is None else f'{warm:.1f}'} | "
+                     f"{'-' if first is None else f'{first:.6f}'} |")
     return '\n'.join(lines) + '\n'
+
+
+def to_markdown(runs, device_type, kept=''):
+    head = [f'# bench_synthesis ({device_type})', '',
+            'One iteration: Swin-T backbone (Mask R-CNN config) forward under the attention '
+            'recorder + L_sim + TV, backward to the pixels, AdamW step on the pixels, through '
+            "the synthesis method's own step (`MimiQSynthesis.step_terms`). Variants: fp32, "
+            'tf32 (fp32 with TF32 matmuls), bf16 (autocast; L_sim statistics in fp32); '
+            "`+compile-loss` = `synthesis.compile='loss'` (L_sim only), `+compile-full` = "
+            "`synthesis.compile='full'` (forward + L_sim + TV and the backward), `+autotune` = "
+            "`compile_mode='max-autotune-no-cudagraphs'`, `+nochunk` = no L_sim query chunks. "
+            'FLOPs: `torch.utils.flop_counter` on the eager step (the same for every variant); '
+            'TFLOP/s = those FLOPs / measured time. Warm-up s: the warm-up iterations, '
+            'torch.compile included.', '', GENERATED_BEGIN, '']
+    body = [run_to_markdown(run) for run in reversed(runs)]
+    tail = [GENERATED_END, '']
+    if kept.strip():
+        tail.append(kept.strip() + '\n')
+    return '\n'.join(head) + '\n'.join(body) + '\n' + '\n'.join(tail)
+
+
+def load_runs(json_path: Path):
+    """Earlier runs of the results file ({'runs': [...]}, or the old {'machine', 'rows'})."""
+    if not json_path.is_file():
+        return []
+    data = json.loads(json_path.read_text())
+    if 'runs' in data:
+        return list(data['runs'])
+    return [dict(machine=data.get('machine', {}), rows=data.get('rows', []))]
+
+
+def kept_notes(md_path: Path) -> str:
+    """Hand-written text of the markdown file: after the generated part (or, in a file from
+    before the markers, from its first '## ' section on)."""
+    if not md_path.is_file():
+        return ''
+    text = md_path.read_text()
+    if GENERATED_END in text:
+        return text.split(GENERATED_END, 1)[1]
+    if GENERATED_BEGIN in text:
+        return ''
+    return text[text.index('\n## ') + 1:] if '\n## ' in text else ''
+
+
+def write_results(out: Path, device_type: str, runs) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f'bench_synthesis_{device_type}'
+    md_path = out / f'{stem}.md'
+    kept = kept_notes(md_path)
+    (out / f'{stem}.json').write_text(json.dumps(dict(runs=runs), indent=2) + '\n')
+    md_path.write_text(to_markdown(runs, device_type, kept))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--small', action='store_true', help='tiny sizes (CPU)')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--bf16', action='store_true', help='also run with bf16 autocast')
+    parser.add_argument('--variants', nargs='+', default=None, metavar='VARIANT',
+                        help='e.g. fp32 tf32 bf16 bf16+compile-loss bf16+compile-full '
+                             'bf16+compile-full+autotune bf16+compile-full+nochunk '
+                             f'(default: {" ".join(DEFAULT_VARIANTS)}, plus --bf16/--compile)')
+    parser.add_argument('--bf16', action='store_true', help='also run bf16 (old flag)')
     parser.add_argument('--compile', action='store_true',
-                        help='also run with L_sim through torch.compile')
+                        help="also run with synthesis.compile='loss' (old flag)")
+    parser.add_argument('--batches', nargs='+', type=int, default=None)
+    parser.add_argument('--sizes', nargs='+', type=int, default=None)
+    parser.add_argument('--iterations', type=int, default=None)
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='warm-up iterations (torch.compile compiles in the first)')
+    parser.add_argument('--time-budget', type=float, default=None, metavar='SECONDS',
+                        help='start no new row after this many seconds (the rows not run are '
+                             'listed as skipped); results are written after every row')
     parser.add_argument('--out', default=str(HERE / 'results'))
+    parser.add_argument('--replace', action='store_true',
+                        help='drop the earlier runs of the results file (default: keep them '
+                             'and add this run)')
     parser.add_argument('--note', default='', help='free text for the report (e.g. load)')
+    parser.add_argument('--commit', default=None,
+                        help='commit to tag the run with (default: git rev-parse, if any)')
     args = parser.parse_args(argv)
+    if args.warmup is not None and args.warmup < 1:
+        parser.error('--warmup must be >= 1')
+    t0 = time.perf_counter()
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type != 'cuda' and not args.small:
         parser.error('the full benchmark needs CUDA; use --small on CPU')
-    grid = SMALL if args.small else FULL
+    grid = dict(SMALL if args.small else FULL)
+    for key in ('batches', 'sizes', 'iterations', 'warmup'):
+        if getattr(args, key) is not None:
+            grid[key] = getattr(args, key)
+    variants = list(args.variants or DEFAULT_VARIANTS)
+    if args.variants is None:
+        if args.bf16:
+            variants.append('bf16')
+        if args.compile:
+            variants.append(('bf16' if args.bf16 else 'fp32') + '+compile-loss')
+    for variant in variants:
+        try:
+            parse_variant(variant)
+        except ValueError as err:
+            parser.error(str(err))
+
     from mimiq_mm.attention import adapt_attention_
-    backbone, _ = build_backbone(device)
+    from mimiq_mm.synthesis.teacher import SynthesisTeacher
+    backbone, preprocessor = build_backbone(device)
     adapt_attention_(backbone)
-    variants = [(False, False)]
-    if args.bf16:
-        variants.append((True, False))
-    if args.compile:
-        variants.append((variants[-1][0], True))
-    rows = []
-    for bf16, compile_ in variants:
-        for size in grid['sizes']:
-            for batch in grid['batches']:
-                try:
-                    row = bench_one(backbone, batch, size, device, grid['iterations'],
-                                    grid['warmup'], bf16, compile_)
-                except torch.cuda.OutOfMemoryError:
-                    row = dict(batch=batch, size=size, bf16=bf16, compile=compile_, error='OOM')
-                gc.collect()
-                if device.type == 'cuda':
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
-                      flush=True)
+    teacher = SynthesisTeacher(backbone, mean=preprocessor['mean'], std=preprocessor['std'],
+                               kind='backbone', channel_order='rgb')
     info = machine_info(device)
     info['date'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     info['mode'] = 'small' if args.small else 'full'
+    info['commit'] = args.commit or git_commit()
     info['note'] = args.note
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f'bench_synthesis_{device.type}'
-    (out / f'{stem}.json').write_text(json.dumps(dict(machine=info, rows=rows), indent=2) + '\n')
-    md = to_markdown(info, rows)
-    (out / f'{stem}.md').write_text(md)
-    print(md)
+    runs = [] if args.replace else load_runs(out / f'bench_synthesis_{device.type}.json')
+    run = dict(machine=info, rows=[])
+    runs.append(run)
+    flops_cache = {}
+    print(f"device {device} ({info['card']}), commit {info['commit']}", flush=True)
+    for variant in variants:
+        for size in grid['sizes']:
+            for batch in grid['batches']:
+                elapsed = time.perf_counter() - t0
+                if args.time_budget is not None and elapsed > args.time_budget:
+                    row = dict(variant=variant, batch=batch, size=size,
+                               error=f'skipped (time budget {args.time_budget:g} s)')
+                else:
+                    try:
+                        row = bench_one(teacher, variant, batch, size, device,
+                                        grid['iterations'], grid['warmup'], flops_cache)
+                    except torch.cuda.OutOfMemoryError:
+                        row = dict(variant=variant, batch=batch, size=size, error='OOM')
+                    except Exception as err:   # e.g. a compile failure: report, go on
+                        first = (str(err).strip().splitlines() or [''])[0][:160]
+                        row = dict(variant=variant, batch=batch, size=size,
+                                   error=f'{type(err).__name__}: {first}'.replace('|', '/'))
+                        if 'out of memory' in str(err).lower():
+                            row['error'] = 'OOM'
+                    gc.collect()
+                    if device.type == 'cuda':
+                        torch.cuda.empty_cache()
+                row['elapsed_s'] = time.perf_counter() - t0
+                run['rows'].append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                      flush=True)
+                write_results(out, device.type, runs)
+    print(run_to_markdown(run))
 
 
 if __name__ == '__main__':

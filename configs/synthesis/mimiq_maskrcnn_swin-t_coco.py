@@ -23,4 +23,7 @@ synthesis = dict(
     w_sim=1.0, w_task=1.0, w_tv=2.5e-5,
     task_loss='none',               # ablation: see mimiq_maskrcnn_swin-t_coco_task.py
     jitter=(8, 16), noise_std=0.05, color_jitter=0.1,
+    # speed (same images up to float rounding): bf16=True (autocast, L_sim stats in fp32),
+    # compile='full' (torch.compile of forward + L_sim + TV and its backward; 'loss' or True:
+    # L_sim only), compile_mode='max-autotune-no-cudagraphs', tf32=True (fp32 matmuls in TF32)
     bf16=False, compile=False)
