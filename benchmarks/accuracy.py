@@ -108,6 +108,8 @@ class Benchmark:
             value = getattr(args, key, None)
             if value is not None:
                 self.settings[key] = value
+        if args.cfg_options:  # e.g. the activation range estimator; part of the settings
+            self.settings['cfg_options'] = dict(sorted(args.cfg_options.items()))
         self.work_dir = Path(demo._resolve(args.work_dir))
         self.machine = machine_info(args.device)
         suffix = '_small' if args.small else ''
@@ -191,8 +193,9 @@ class Benchmark:
     def run_cell(self, task: str, row: str, bits: str) -> dict:
         spec = demo.TASKS[task]
         wbits, abits = (32, 32) if bits == 'float' else parse_bits(bits)
+        sizes = {k: v for k, v in self.settings.items() if k != 'cfg_options'}
         opts = demo.Options(wbits=min(wbits, 8), abits=min(abits, 8), seed=self.args.seed,
-                            device=self.args.device, **self.settings)
+                            device=self.args.device, **sizes)
         recipe = None if row == 'float' else demo.RECIPES[row]
         data_root = self._data(need_train=recipe is not None and recipe.synthesis == 'real')
         ann_file, _ = (demo.coco_val_subset(data_root, opts.num_val, self.work_dir / task)
@@ -213,7 +216,8 @@ class Benchmark:
                                                data_root)
             synth_dir = demo.synthetic_dir(self.work_dir / task / 'synthetic', settings, sha)
             cfg = demo.stage_config(spec, recipe, opts, data_root, ann_file, checkpoint,
-                                    stage_dir, synth_dir, settings)
+                                    stage_dir, synth_dir, settings,
+                                    self.settings.get('cfg_options'))
             cfg.resume = False
             result = demo.run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, row)
         return dict(task=task, row=row, bits=bits, label='float teacher' if recipe is None
@@ -265,7 +269,8 @@ def render_markdown(state: dict) -> str:
              f'iterations (batch {s.get("synth_batch")}); fine-tuning {s.get("ft_iters")} '
              f'iterations x {s.get("ft_batch")} images; {s.get("num_val")} val images'
              + (' (**--small smoke settings: not meaningful numbers**)' if state.get('small')
-                else '') + '.', '']
+                else '') + '.', '',
+             'Quantizers: ' + quant_summary(s.get('cfg_options') or {}) + '.', '']
     cells = state.get('cells', {})
     for task, spec in demo.TASKS.items():
         if not any(k.startswith(f'{task}/') for k in cells):
@@ -295,7 +300,32 @@ def render_markdown(state: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def quant_summary(cfg_options: dict) -> str:
+    """How the quantized rows were configured, in words (demo config + --cfg-options)."""
+    from mmengine.config import Config
+    base = Config.fromfile(str(ROOT / demo.TASKS['det'].mimiq_config)).quant_cfg
+    opts = {k[len('quant_cfg.'):]: v for k, v in cfg_options.items()
+            if k.startswith('quant_cfg.')}
+    act_obs = opts.get('act.observer', base.act.get('observer', 'minmax'))
+    prob_kind = opts.get('attn_prob.kind', base.attn_prob.get('kind', 'uniform'))
+    prob_obs = opts.get('attn_prob.observer', base.attn_prob.get('observer', 'minmax'))
+    reparam = opts.get('reparam', base.get('reparam', False))
+    text = (f'weights per-channel min-max; activations per-tensor, ranges from the '
+            f'`{act_obs}` observer; post-softmax probabilities '
+            + (f'log quantizer `{prob_kind}`' if prob_kind != 'uniform'
+               else f'uniform, `{prob_obs}` observer')
+            + f'; LayerNorm reparam {"on" if reparam else "off"}. PTQ rows keep the '
+            'calibrated ranges; fine-tuned rows learn the uniform steps (LSQ) from them')
+    other = {k: v for k, v in cfg_options.items()
+             if k not in {f'quant_cfg.{n}' for n in ('act.observer', 'attn_prob.kind',
+                                                     'attn_prob.observer', 'reparam')}}
+    if other:
+        text += f'; other overrides: {other}'
+    return text
+
+
 def parse_args(argv=None):
+    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n\n', 1)[1])
@@ -315,6 +345,10 @@ def parse_args(argv=None):
     for key, value in FULL.items():
         p.add_argument('--' + key.replace('_', '-'), type=type(value), default=None,
                        help=f'default {value} ({SMALL[key]} with --small)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                   help='overrides of the demo MimiQ configs for every quantized row, e.g. '
+                        'quant_cfg.act.observer=mse quant_cfg.attn_prob.kind=log2 '
+                        '(recorded in the results header)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default=None, help='synthesis device (default: cuda if present)')
     p.add_argument('--time-budget', type=float, default=None,

@@ -106,15 +106,18 @@ class Recipe:
         synthesis: method of the calibration / training images ('gaussian', 'psaq',
             'mimiq', 'real').
         synthesis_overrides: extra ``SynthesisConfig`` fields (ablations).
-        observer: 'minmax' (min-max PTQ ranges, fixed) or 'lsq' (MIMIQ.md §2: LSQ
-            activations initialised at 2*mean|x|/sqrt(Qmax), learnt in fine-tuning).
+        learn_steps: the activation steps are learnt (LSQ) in fine-tuning, starting from
+            the calibrated ranges; False = post-training quantization (ranges fixed). How
+            the ranges are calibrated (``quant_cfg.act.observer``: min-max, percentile,
+            MSE; ``quant_cfg.attn_prob.kind``: uniform or log2) comes from the config, so
+            every row of a table shares one range estimator.
         finetune: run the HSAD + task-KD fine-tuning (MimiQDistiller) after calibration.
         model_overrides: ``MimiQDistiller`` arguments changed (ablations).
     """
     name: str
     label: str
     synthesis: str
-    observer: str = 'minmax'
+    learn_steps: bool = False
     finetune: bool = False
     synthesis_overrides: Tuple[Tuple[str, object], ...] = ()
     model_overrides: Tuple[Tuple[str, object], ...] = ()
@@ -125,19 +128,19 @@ NO_TASK_KD = (('kd_weights', (('rpn_cls', 0.0), ('rpn_reg', 0.0), ('roi_cls', 0.
                               ('seg_aux', 0.0))),)
 
 RECIPES: Dict[str, Recipe] = {r.name: r for r in [
-    Recipe('ptq_gaussian', 'PTQ (min-max) on Gaussian noise', 'gaussian'),
-    Recipe('ptq_psaq', 'PTQ (min-max) on PSAQ-ViT synthetic', 'psaq'),
-    Recipe('ptq_mimiq', 'PTQ (min-max) on MimiQ synthetic', 'mimiq'),
-    # Min-max initial steps, then learnt (LSQ) during fine-tuning: on the demo teacher the
+    Recipe('ptq_gaussian', 'PTQ on Gaussian noise', 'gaussian'),
+    Recipe('ptq_psaq', 'PTQ on PSAQ-ViT synthetic', 'psaq'),
+    Recipe('ptq_mimiq', 'PTQ on MimiQ synthetic', 'mimiq'),
+    # Calibrated initial steps, then learnt (LSQ) during fine-tuning: on the demo teacher the
     # 2*mean|x|/sqrt(Qmax) LSQ init scored below min-max before and after fine-tuning.
-    Recipe('mimiq', 'MimiQ (synthesis + HSAD/KD fine-tuning)', 'mimiq', 'minmax_lsq', True),
-    Recipe('ptq_real', 'PTQ (min-max) on real train images', 'real'),
-    Recipe('ft_real', 'real-data fine-tuning (same recipe)', 'real', 'minmax_lsq', True),
-    Recipe('abl_no_sim', 'ablation: L_sim off (TV + task loss)', 'mimiq', 'minmax_lsq', True,
+    Recipe('mimiq', 'MimiQ (synthesis + HSAD/KD fine-tuning)', 'mimiq', True, True),
+    Recipe('ptq_real', 'PTQ on real train images', 'real'),
+    Recipe('ft_real', 'real-data fine-tuning (same recipe)', 'real', True, True),
+    Recipe('abl_no_sim', 'ablation: L_sim off (TV + task loss)', 'mimiq', True, True,
            synthesis_overrides=(('w_sim', 0.0), ('task_loss', 'task'))),
-    Recipe('abl_no_hsad', 'ablation: HSAD off', 'mimiq', 'minmax_lsq', True,
+    Recipe('abl_no_hsad', 'ablation: HSAD off', 'mimiq', True, True,
            model_overrides=(('gamma', 0.0),)),
-    Recipe('abl_no_task_kd', 'ablation: task-KD terms off', 'mimiq', 'minmax_lsq', True,
+    Recipe('abl_no_task_kd', 'ablation: task-KD terms off', 'mimiq', True, True,
            model_overrides=NO_TASK_KD),
 ]}
 
@@ -355,10 +358,10 @@ def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
     q['weight'] = dict(q.get('weight', {}), bits=opts.wbits)
     for key in ('act', 'attn_prob'):
         q[key] = dict(q.get(key, {}), bits=opts.abits)
-        if recipe.observer == 'minmax':
-            q[key].update(observer='minmax', lsq=False)
-        elif recipe.observer == 'minmax_lsq':  # min-max initial steps, learnt (LSQ)
-            q[key].update(observer='minmax', lsq=True)
+        q[key].setdefault('observer', 'minmax')
+        # log quantizers have a fixed scale (the calibrated max): nothing to learn
+        learn = recipe.learn_steps and q[key].get('kind', 'uniform') == 'uniform'
+        q[key]['lsq'] = learn
     return q
 
 
