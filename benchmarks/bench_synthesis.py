@@ -315,8 +315,10 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=None,
                         help='warm-up iterations (torch.compile compiles in the first)')
     parser.add_argument('--time-budget', type=float, default=None, metavar='SECONDS',
-                        help='start no new row after this many seconds (the rows not run are '
-                             'listed as skipped); results are written after every row')
+                        help='start no new row after this many seconds, nor a compiled row '
+                             'predicted (from the longest earlier row with the same compile '
+                             'setting) to end after it; rows not run are listed as skipped. '
+                             'Results are written after every row')
     parser.add_argument('--out', default=str(HERE / 'results'))
     parser.add_argument('--replace', action='store_true',
                         help='drop the earlier runs of the results file (default: keep them '
@@ -363,12 +365,17 @@ def main(argv=None):
     run = dict(machine=info, rows=[])
     runs.append(run)
     flops_cache = {}
+    row_seconds = {}       # compile setting -> longest row so far (s)
     print(f"device {device} ({info['card']}), commit {info['commit']}", flush=True)
     for variant in variants:
         for size in grid['sizes']:
             for batch in grid['batches']:
                 elapsed = time.perf_counter() - t0
-                if args.time_budget is not None and elapsed > args.time_budget:
+                # a row of a compiled variant is predicted to take as long as the longest
+                # earlier row with the same compile setting (the compile dominates)
+                scope = parse_variant(variant).get('compile', 'none')
+                predicted = row_seconds.get(scope, 0.0) if scope != 'none' else 0.0
+                if args.time_budget is not None and elapsed + predicted > args.time_budget:
                     row = dict(variant=variant, batch=batch, size=size,
                                error=f'skipped (time budget {args.time_budget:g} s)')
                 else:
@@ -387,6 +394,9 @@ def main(argv=None):
                     if device.type == 'cuda':
                         torch.cuda.empty_cache()
                 row['elapsed_s'] = time.perf_counter() - t0
+                if 'error' not in row:
+                    row_seconds[scope] = max(row_seconds.get(scope, 0.0),
+                                             row['elapsed_s'] - elapsed)
                 run['rows'].append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                       flush=True)

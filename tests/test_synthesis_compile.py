@@ -90,8 +90,11 @@ def test_full_compile_matches_eager_loss_and_pixel_gradient(teacher, bf16, chunk
                                atol=1e-4 * float(want_grad.abs().max()))
 
 
-def test_full_step_has_no_graph_break(teacher):
-    method = build_method(SynthesisConfig(image_size=SIZE, compile='full'), teacher, True)
+@pytest.mark.parametrize('chunk', [None, 2048], ids=['whole', 'checkpointed-chunks'])
+def test_full_step_has_no_graph_break(teacher, chunk):
+    extra = dict(max_chunk_elements=chunk) if chunk else {}
+    method = build_method(SynthesisConfig(image_size=SIZE, compile='full', bf16=True, **extra),
+                          teacher, True)
     torch._dynamo.reset()
     x = torch.randn(2, 3, SIZE, SIZE, requires_grad=True)
     with method.recorder() as rec:
