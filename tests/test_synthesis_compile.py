@@ -126,3 +126,30 @@ def test_generate_compiles_once_per_batch_shape_and_matches_eager(teacher):
         torch.testing.assert_close(results[1].x, results[0].x, rtol=1e-4, atol=1e-4)
         assert results[1].losses['sim'] == pytest.approx(results[0].losses['sim'], rel=1e-4)
     assert len(graphs) == 2, graphs      # one graph for batch 2 (reused), one for batch 1
+
+
+def test_full_compile_with_a_task_term_matches_eager():
+    """task_loss='classifier' draws labels from the generator: dynamo breaks the graph there
+    (the step still compiles in parts) and the values stay those of eager."""
+    torch.manual_seed(0)
+    teacher = _tiny_timm_vit()
+    adapt_attention_(teacher.attention_scope)
+    results = []
+    with teacher.frozen():
+        torch._dynamo.reset()
+        for compile_ in (False, 'full'):
+            method = build_method(SynthesisConfig(image_size=SIZE, compile=compile_,
+                                                  task_loss='classifier'), teacher, True)
+            if compile_:
+                method.compiled_step(backend='aot_eager')
+            x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+            x.requires_grad_(True)
+            terms = method.step_terms(x * 1.0, x, torch.Generator().manual_seed(5))
+            terms['loss'].backward()
+            results.append(({k: v.detach() for k, v in terms.items()}, x.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert set(got) == {'sim', 'task', 'tv', 'loss'}
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4,
+                               atol=1e-4 * float(want_grad.abs().max()))

@@ -259,6 +259,8 @@ class MimiQSynthesis(PixelOptimisation):
     def step_terms(self, x_aug: Tensor, x: Tensor, generator: torch.Generator) -> Dict[str, Tensor]:
         if self.cfg.compile_scope != 'full' or self.cfg.w_sim == 0:
             return super().step_terms(x_aug, x, generator)
+        if self.cfg.task_loss == 'none' or self.cfg.w_task == 0:
+            generator = None     # unused: keep it out of the compiled function's inputs
         with self.recorder() as rec:
             return self.compiled_step()(x_aug, x, generator, rec)
 
