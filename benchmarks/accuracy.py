@@ -243,6 +243,8 @@ class Benchmark:
             print(f'[{i + 1}/{len(todo)}] {task} {row} {bits}')
             cell = self.run_cell(task, row, bits)
             self.state['cells'][cell_key(task, row, bits)] = cell
+            self.state.setdefault('quant', {})[task] = quant_summary(
+                task, self.settings.get('cfg_options') or {})
             self._save()
             shown = ', '.join(f'{k}={100 * v:.1f}' for k, v in cell['metrics'].items())
             print(f'    {shown}  ({cell["seconds"]["total"]:.0f} s)')
@@ -269,17 +271,19 @@ def render_markdown(state: dict) -> str:
              f'iterations (batch {s.get("synth_batch")}); fine-tuning {s.get("ft_iters")} '
              f'iterations x {s.get("ft_batch")} images; {s.get("num_val")} val images'
              + (' (**--small smoke settings: not meaningful numbers**)' if state.get('small')
-                else '') + '.', '',
-             'Quantizers: ' + quant_summary(s.get('cfg_options') or {}) + '.', '']
+                else '') + '.', '']
     cells = state.get('cells', {})
     for task, spec in demo.TASKS.items():
         if not any(k.startswith(f'{task}/') for k in cells):
             continue
         metric_names = ' / '.join(m.label for m in spec.metrics)
         teacher = state.get('teachers', {}).get(task, {})
+        recipe = state.get('quant', {}).get(task) or quant_summary(
+            task, s.get('cfg_options') or {})
         lines += [f'## {task}: {spec.float_config} ({metric_names}, %)', '',
                   f'Teacher `{teacher.get("path", "?")}` (sha256 '
-                  f'{str(teacher.get("sha256", "?"))[:12]}).', '']
+                  f'{str(teacher.get("sha256", "?"))[:12]}). Quantized rows: '
+                  f'{spec.mimiq_config} ({recipe}).', '']
         rows = []
         for row in MAIN_ROWS:
             label = 'float teacher' if row == 'float' else demo.RECIPES[row].label
@@ -300,10 +304,11 @@ def render_markdown(state: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def quant_summary(cfg_options: dict) -> str:
-    """How the quantized rows were configured, in words (demo config + --cfg-options)."""
+def quant_summary(task: str, cfg_options: dict) -> str:
+    """How the quantized rows of ``task`` were configured, in words (its demo MimiQ config
+    + --cfg-options)."""
     from mmengine.config import Config
-    base = Config.fromfile(str(ROOT / demo.TASKS['det'].mimiq_config)).quant_cfg
+    base = Config.fromfile(str(ROOT / demo.TASKS[task].mimiq_config)).quant_cfg
     opts = {k[len('quant_cfg.'):]: v for k, v in cfg_options.items()
             if k.startswith('quant_cfg.')}
     act_obs = opts.get('act.observer', base.act.get('observer', 'minmax'))
