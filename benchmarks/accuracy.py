@@ -243,7 +243,7 @@ class Benchmark:
             print(f'[{i + 1}/{len(todo)}] {task} {row} {bits}')
             cell = self.run_cell(task, row, bits)
             self.state['cells'][cell_key(task, row, bits)] = cell
-            self.state.setdefault('quant', {})[task] = quant_summary(
+            self.state.setdefault('quant', {})[task] = demo.quant_summary(
                 task, self.settings.get('cfg_options') or {})
             self._save()
             shown = ', '.join(f'{k}={100 * v:.1f}' for k, v in cell['metrics'].items())
@@ -278,7 +278,7 @@ def render_markdown(state: dict) -> str:
             continue
         metric_names = ' / '.join(m.label for m in spec.metrics)
         teacher = state.get('teachers', {}).get(task, {})
-        recipe = state.get('quant', {}).get(task) or quant_summary(
+        recipe = state.get('quant', {}).get(task) or demo.quant_summary(
             task, s.get('cfg_options') or {})
         lines += [f'## {task}: {spec.float_config} ({metric_names}, %)', '',
                   f'Teacher `{teacher.get("path", "?")}` (sha256 '
@@ -302,31 +302,6 @@ def render_markdown(state: dict) -> str:
                   markdown_table(abl, [Column('label', 'variant', align='<'),
                                        Column('value', metric_names)])]
     return '\n'.join(lines) + '\n'
-
-
-def quant_summary(task: str, cfg_options: dict) -> str:
-    """How the quantized rows of ``task`` were configured, in words (its demo MimiQ config
-    + --cfg-options)."""
-    from mmengine.config import Config
-    base = Config.fromfile(str(ROOT / demo.TASKS[task].mimiq_config)).quant_cfg
-    opts = {k[len('quant_cfg.'):]: v for k, v in cfg_options.items()
-            if k.startswith('quant_cfg.')}
-    act_obs = opts.get('act.observer', base.act.get('observer', 'minmax'))
-    prob_kind = opts.get('attn_prob.kind', base.attn_prob.get('kind', 'uniform'))
-    prob_obs = opts.get('attn_prob.observer', base.attn_prob.get('observer', 'minmax'))
-    reparam = opts.get('reparam', base.get('reparam', False))
-    text = (f'weights per-channel min-max; activations per-tensor, ranges from the '
-            f'`{act_obs}` observer; post-softmax probabilities '
-            + (f'log quantizer `{prob_kind}`' if prob_kind != 'uniform'
-               else f'uniform, `{prob_obs}` observer')
-            + f'; LayerNorm reparam {"on" if reparam else "off"}. PTQ rows keep the '
-            'calibrated ranges; fine-tuned rows learn the uniform steps (LSQ) from them')
-    other = {k: v for k, v in cfg_options.items()
-             if k not in {f'quant_cfg.{n}' for n in ('act.observer', 'attn_prob.kind',
-                                                     'attn_prob.observer', 'reparam')}}
-    if other:
-        text += f'; other overrides: {other}'
-    return text
 
 
 def parse_args(argv=None):

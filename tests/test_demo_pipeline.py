@@ -98,7 +98,7 @@ def test_demo_end_to_end_then_cached(tmp_path, standin_teacher, capsys):
         _check_png(work_dir / name)
     md = (work_dir / 'results.md').read_text()
     assert '| float teacher | W32A32 |' in md and 'MimiQ' in md
-    for label in ('float teacher', 'PTQ (min-max) on Gaussian noise', 'MimiQ'):
+    for label in ('float teacher', 'PTQ on Gaussian noise', 'MimiQ', 'Quantizers ('):
         assert label in out
     assert 'total' in out
 

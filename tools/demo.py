@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The main demo: data-free W4/A4 quantization of the shipped demo teacher with MimiQ,
-against the float teacher and a min-max PTQ baseline calibrated on Gaussian noise, all
+against the float teacher and a PTQ baseline calibrated on Gaussian noise, all
 scored with the real OpenMMLab metrics (COCO bbox/segm mAP, or mIoU) in this very run.
 
     python tools/demo.py                              # = make demo (detection, W4/A4)
@@ -12,9 +12,10 @@ Stages (each cached in the work dir and reused by a later run unless --force):
   data      the demo val set (tools/make_demo_data.py functions; the train images are never
             generated nor read: the method is data-free);
   float     the float teacher on demo val;
-  ptq       min-max PTQ of the teacher (configs/mimiq/demo_*_w4a4.py, min-max observers),
-            calibrated on Gaussian-noise images, no fine-tuning;
-  ptq_mimiq the same min-max PTQ calibrated on the MimiQ synthetic images (synthesized
+  ptq       PTQ of the teacher with the quantizers of configs/mimiq/demo_*_w4a4.py (det:
+            min-max ranges, log2 post-softmax grid; seg: percentile ranges), calibrated on
+            Gaussian-noise images, no fine-tuning;
+  ptq_mimiq the same PTQ calibrated on the MimiQ synthetic images (synthesized
             here, then reused by the next stage);
   mimiq     MimiQ: images synthesized against the teacher's backbone with the inter-head
             attention similarity loss (MimiQSynthesisHook), quantizers calibrated on them
@@ -421,6 +422,31 @@ def stage_config(spec: TaskSpec, recipe: Recipe, opts: Options, data_root: Path,
     return cfg
 
 
+def quant_summary(task: str, cfg_options: dict) -> str:
+    """How the quantized rows of ``task`` were configured, in words (its demo MimiQ config
+    + --cfg-options)."""
+    from mmengine.config import Config
+    base = Config.fromfile(_resolve(TASKS[task].mimiq_config)).quant_cfg
+    opts = {k[len('quant_cfg.'):]: v for k, v in cfg_options.items()
+            if k.startswith('quant_cfg.')}
+    act_obs = opts.get('act.observer', base.act.get('observer', 'minmax'))
+    prob_kind = opts.get('attn_prob.kind', base.attn_prob.get('kind', 'uniform'))
+    prob_obs = opts.get('attn_prob.observer', base.attn_prob.get('observer', 'minmax'))
+    reparam = opts.get('reparam', base.get('reparam', False))
+    text = (f'weights per-channel min-max; activations per-tensor, ranges from the '
+            f'`{act_obs}` observer; post-softmax probabilities '
+            + (f'log quantizer `{prob_kind}`' if prob_kind != 'uniform'
+               else f'uniform, `{prob_obs}` observer')
+            + f'; LayerNorm reparam {"on" if reparam else "off"}. PTQ rows keep the '
+            'calibrated ranges; fine-tuned rows learn the uniform steps (LSQ) from them')
+    other = {k: v for k, v in cfg_options.items()
+             if k not in {f'quant_cfg.{n}' for n in ('act.observer', 'attn_prob.kind',
+                                                     'attn_prob.observer', 'reparam')}}
+    if other:
+        text += f'; other overrides: {other}'
+    return text
+
+
 # ----------------------------------------------------------------------------- stages
 class _PhaseTimes:
     """Runner hook (lowest priority): the time calibration ends (all VERY_HIGH before_train
@@ -675,8 +701,10 @@ def run_demo(args) -> dict:
 
     columns = table_columns(spec)
     table = text_table(rows, columns)
+    quantizers = quant_summary(spec.name, args.cfg_options or {})
     print()
     print(table)
+    print(f'Quantizers ({spec.mimiq_config}): {quantizers}.')
     print()
     print('Stage times (wall clock):')
     for stage, seconds in timer.seconds.items():
@@ -693,7 +721,7 @@ def run_demo(args) -> dict:
         data_root=str(data_root), num_val_images=num_val,
         metrics=[dataclasses.asdict(m) for m in spec.metrics],
         metric_note='fractions in [0, 1] (COCO mAP@[.5:.95]; mIoU / 100)',
-        rows=rows, options=dataclasses.asdict(opts),
+        rows=rows, options=dataclasses.asdict(opts), quantizers=quantizers,
         stage_seconds=timer.seconds, stage_notes=timer.notes, total_seconds=total,
         attention_figure=results['mimiq'].get('extra'),
         files=dict(contact_sheet=str(sheet) if sheet else None,
@@ -705,6 +733,7 @@ def run_demo(args) -> dict:
           f'(sha256 {teacher_sha[:12]}), {num_val} demo val images. '
           f'Synthetic images: {opts.num_images} x {opts.synth_iters} iterations; '
           f'fine-tuning: {opts.ft_iters} iterations x {opts.ft_batch} images.', '',
+          f'Quantizers ({spec.mimiq_config}): {quantizers}.', '',
           markdown_table(rows, columns), '## Stage times', '',
           markdown_table([dict(stage=k, seconds=format_seconds(v), note=timer.notes.get(k, ''))
                           for k, v in timer.seconds.items()] +
