@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mimiq_mm.utils.report import (Column, machine_info, markdown_table,  # noqa: E402
+from mimiq_mm.utils.report import (Column, card_slug, machine_info, markdown_table,  # noqa: E402
                                    read_json, write_json)
 
 BITS = ('W4A4', 'W6A6', 'W3A3', 'W2A4')
@@ -78,8 +78,7 @@ def parse_bits(text: str) -> Tuple[int, int]:
 
 def card_name(info: dict) -> str:
     """File-name-safe name of the accelerator ('nvidia-h100-80gb-hbm3') or 'cpu'."""
-    card = info.get('card', 'cpu')
-    return re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-') or 'cpu'
+    return card_slug(info.get('card', 'cpu'))
 
 
 def cells_wanted(tasks, rows, bits) -> List[Tuple[str, str, str]]:

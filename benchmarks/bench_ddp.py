@@ -96,10 +96,6 @@ def card_name(small: bool) -> str:
         return 'unknown-gpu'
 
 
-def slug(name: str) -> str:
-    return ''.join(c if c.isalnum() else '-' for c in name.lower()).strip('-')
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -424,10 +420,12 @@ def main(argv=None):
     work = Path(args.work_dir).resolve()
     args.work_dir = str(work)
     work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from mimiq_mm.utils.report import card_slug
     card = card_name(args.small)
     stem = Path(args.out) if args.out else (
         work / 'bench_ddp_cpu' if args.small
-        else HERE / 'results' / f'bench_ddp_{slug(card)}')
+        else HERE / 'results' / f'bench_ddp_{card_slug(card)}')
     val = prepare_val(args, work)
     print(f'[bench_ddp] card {card}; demo val set ready in {val["seconds"]:.1f} s', flush=True)
     results = dict(card=card, machine=f'{platform.node()}, {os.cpu_count()} CPU cores',

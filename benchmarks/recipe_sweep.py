@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
 
+import accuracy  # noqa: E402  (benchmarks/accuracy.py)
 from mimiq_mm.utils.report import machine_info, read_json, write_json  # noqa: E402
 
 VARIANTS = {
@@ -40,16 +41,6 @@ VARIANTS = {
 PTQ_ROWS = ('ptq_gaussian', 'ptq_mimiq')
 
 
-def _load_accuracy():
-    spec = importlib.util.spec_from_file_location('mimiq_bench_accuracy',
-                                                  ROOT / 'benchmarks/accuracy.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _load_accuracy()
 
 
 def cfg_argv(options: dict) -> list:

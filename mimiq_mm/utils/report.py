@@ -15,12 +15,13 @@ import json
 import math
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Union
 
-__all__ = ['Column', 'format_value', 'text_table', 'markdown_table', 'write_json', 'read_json',
-           'percent_of', 'machine_info', 'format_seconds']
+__all__ = ['Column', 'card_slug', 'format_value', 'text_table', 'markdown_table', 'write_json',
+           'read_json', 'percent_of', 'machine_info', 'format_seconds']
 
 MISSING = 'n/a'
 
@@ -160,3 +161,9 @@ def machine_info(device: Optional[str] = None) -> dict:
     else:
         info.update(device='cpu', card='cpu')
     return info
+
+
+def card_slug(card: str) -> str:
+    """File-name-safe form of an accelerator name: 'NVIDIA H100 80GB HBM3' ->
+    'nvidia-h100-80gb-hbm3' (results files are named after the card)."""
+    return re.sub(r'[^a-z0-9]+', '-', str(card).lower()).strip('-') or 'cpu'
