@@ -86,26 +86,9 @@ def _det_teacher_cfg(demo_root):
 
 
 def _mimiq_cfg(teacher_cfg, teacher_ckpt, synth_root, max_iters, pack='PackDetInputs'):
-    cfg = copy.deepcopy(teacher_cfg)
-    cfg.custom_imports = dict(imports=['mimiq_mm.models', 'mimiq_mm.engine',
-                                       'mimiq_mm.datasets'], allow_failed_imports=False)
-    cfg.teacher_checkpoint = str(teacher_ckpt)
-    cfg.quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4))
-    cfg.model = dict(type='mimiq_mm.MimiQDistiller', teacher=teacher_cfg.model,
-                     teacher_checkpoint=None, quant_cfg=None, gamma=10.0)
-    cfg.synthesis = dict(method='mimiq', num_images=2, batch_size=2, iterations=1,
-                         image_size=(64, 64), seed=0, device='cpu', figures=False,
-                         progress=False)
-    cfg.train_dataloader = dict(
-        batch_size=2, num_workers=0, persistent_workers=False,
-        sampler=dict(type='InfiniteSampler', shuffle=True, seed=0),
-        dataset=dict(type='mimiq_mm.SyntheticImageDataset', data_root=str(synth_root),
-                     pipeline=[dict(type='LoadImageFromFile'), dict(type=pack)]))
-    cfg = _runtime(cfg, max_iters=max_iters, ckpt_interval=1)
-    cfg.train_cfg.type = 'mimiq_mm.MimiQIterBasedTrainLoop'
-    cfg.custom_hooks = [dict(type='mimiq_mm.MimiQSynthesisHook'),
-                        dict(type='mimiq_mm.MimiQCalibrationHook', num_batches=2)]
-    return cfg
+    from mimiq_mm.testing import tiny_mimiq_cfg
+    return tiny_mimiq_cfg(teacher_cfg, teacher_ckpt, synth_root, max_iters=max_iters,
+                          num_images=2, batch_size=2, ckpt_interval=1, pack=pack)
 
 
 def _dump(cfg, path):
