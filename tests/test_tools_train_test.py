@@ -32,25 +32,9 @@ def demo_root(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ config builders
-def _runtime(cfg, max_iters, ckpt_interval):
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=10000)
-    cfg.param_scheduler = None
-    cfg.optim_wrapper = dict(type='OptimWrapper',
-                             optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.0))
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
-                                        interval=ckpt_interval)
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
-    cfg.log_processor = dict(by_epoch=False)
-    cfg.randomness = dict(seed=0)
-    cfg.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork'),
-                       dist_cfg=dict(backend='gloo'))
-    cfg.pop('auto_scale_lr', None)
-    return cfg
-
-
 def _det_teacher_cfg(demo_root):
     from mimiq_mm.datasets.demo_data import COCO_CLASSES
-    from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
+    from mimiq_mm.testing import tiny_maskrcnn_swin_cfg, tiny_runtime_cfg
     cfg = tiny_maskrcnn_swin_cfg(num_classes=len(COCO_CLASSES))
     coco = str(demo_root / 'coco')
     meta = dict(classes=COCO_CLASSES)
@@ -82,7 +66,7 @@ def _det_teacher_cfg(demo_root):
     cfg.val_evaluator = dict(type='CocoMetric', metric=['bbox', 'segm'], format_only=False,
                              ann_file=osp.join(coco, 'annotations', 'instances_val.json'))
     cfg.test_evaluator = copy.deepcopy(cfg.val_evaluator)
-    return _runtime(cfg, max_iters=2, ckpt_interval=2)
+    return tiny_runtime_cfg(cfg, max_iters=2, ckpt_interval=2)
 
 
 def _mimiq_cfg(teacher_cfg, teacher_ckpt, synth_root, max_iters, pack='PackDetInputs'):
@@ -156,7 +140,7 @@ def test_detection_train_resume_test(demo_root, tmp_path):
 
 def test_segmentation_train_test_miou(demo_root, tmp_path):
     from mimiq_mm.datasets.demo_data import ADE_CLASSES, ADE_PALETTE
-    from mimiq_mm.testing import tiny_upernet_swin_cfg
+    from mimiq_mm.testing import tiny_runtime_cfg, tiny_upernet_swin_cfg
     train, test = _tool('train'), _tool('test')
     cfg = tiny_upernet_swin_cfg(num_classes=len(ADE_CLASSES))
     ade = str(demo_root / 'ade')
@@ -182,7 +166,7 @@ def test_segmentation_train_test_miou(demo_root, tmp_path):
     cfg.test_dataloader = copy.deepcopy(cfg.val_dataloader)
     cfg.val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
     cfg.test_evaluator = copy.deepcopy(cfg.val_evaluator)
-    cfg = _runtime(cfg, max_iters=2, ckpt_interval=2)
+    cfg = tiny_runtime_cfg(cfg, max_iters=2, ckpt_interval=2)
     # (plain-config training through tools/train.py is covered by the detection test)
     from mimiq_mm.testing import build_model_from_cfg
     torch.manual_seed(0)

@@ -7,6 +7,25 @@ from typing import Sequence
 from mmengine.config import Config
 
 
+def tiny_runtime_cfg(cfg: Config, max_iters: int, ckpt_interval: int) -> Config:
+    """CPU training schedule of a test run, in place: ``max_iters`` AdamW (lr 1e-4)
+    iterations, no scheduler, checkpoints every ``ckpt_interval`` iterations, seed 0, gloo
+    when distributed."""
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=10000)
+    cfg.param_scheduler = None
+    cfg.optim_wrapper = dict(type='OptimWrapper',
+                             optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.0))
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
+                                        interval=ckpt_interval)
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    cfg.log_processor = dict(by_epoch=False)
+    cfg.randomness = dict(seed=0)
+    cfg.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork'),
+                       dist_cfg=dict(backend='gloo'))
+    cfg.pop('auto_scale_lr', None)
+    return cfg
+
+
 def tiny_mimiq_cfg(teacher_cfg: Config, teacher_checkpoint: str, synthetic_root: str, *,
                    max_iters: int, num_images: int, batch_size: int, ckpt_interval: int = 1,
                    calib_batches: int = 2, pack: str = 'PackDetInputs',
@@ -32,19 +51,8 @@ def tiny_mimiq_cfg(teacher_cfg: Config, teacher_checkpoint: str, synthetic_root:
         sampler=dict(type='InfiniteSampler', shuffle=True, seed=0),
         dataset=dict(type='mimiq_mm.SyntheticImageDataset', data_root=str(synthetic_root),
                      pipeline=[dict(type='LoadImageFromFile'), dict(type=pack)]))
-    cfg.train_cfg = dict(type='mimiq_mm.MimiQIterBasedTrainLoop', max_iters=max_iters,
-                         val_interval=10000)
-    cfg.param_scheduler = None
-    cfg.optim_wrapper = dict(type='OptimWrapper',
-                             optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.0))
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
-                                        interval=ckpt_interval)
-    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
-    cfg.log_processor = dict(by_epoch=False)
-    cfg.randomness = dict(seed=0)
-    cfg.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork'),
-                       dist_cfg=dict(backend='gloo'))
+    tiny_runtime_cfg(cfg, max_iters, ckpt_interval)
+    cfg.train_cfg.type = 'mimiq_mm.MimiQIterBasedTrainLoop'
     cfg.custom_hooks = [dict(type='mimiq_mm.MimiQSynthesisHook'),
                         dict(type='mimiq_mm.MimiQCalibrationHook', num_batches=calib_batches)]
-    cfg.pop('auto_scale_lr', None)
     return cfg
