@@ -64,6 +64,7 @@ def build_backbone(device):
 PRECISIONS = ('fp32', 'tf32', 'bf16')
 VARIANT_FLAGS = {'compile-loss': ('compile', 'loss'), 'compile-full': ('compile', 'full'),
                  'autotune': ('compile_mode', 'max-autotune-no-cudagraphs'),
+                 'cudagraphs': ('compile_mode', 'reduce-overhead'),
                  'nochunk': ('max_chunk_elements', 1 << 62)}
 DEFAULT_VARIANTS = ('fp32',)
 
@@ -73,7 +74,8 @@ def parse_variant(name: str) -> dict:
 
     First part: fp32 | tf32 (fp32 with TF32 matmuls) | bf16 (autocast). Then any of
     compile-loss (synthesis.compile='loss'), compile-full ('full'), autotune
-    (compile_mode='max-autotune-no-cudagraphs'), nochunk (no L_sim query chunks, hence no
+    (compile_mode='max-autotune-no-cudagraphs'), cudagraphs (compile_mode='reduce-overhead':
+    the compiled graphs replayed as CUDA graphs), nochunk (no L_sim query chunks, hence no
     activation checkpointing of them).
     """
     precision, *flags = name.split('+')
@@ -87,7 +89,10 @@ def parse_variant(name: str) -> dict:
         key, value = VARIANT_FLAGS[flag]
         settings[key] = value
     if 'compile_mode' in settings and settings.get('compile', 'none') == 'none':
-        raise ValueError(f'variant {name!r}: autotune needs compile-loss or compile-full')
+        raise ValueError(f'variant {name!r}: autotune/cudagraphs need compile-loss or '
+                         'compile-full')
+    if sum(flag in ('autotune', 'cudagraphs') for flag in flags) > 1:
+        raise ValueError(f'variant {name!r}: autotune and cudagraphs are exclusive')
     return settings
 
 
@@ -126,12 +131,61 @@ def count_flops(teacher, batch, size, device, settings):
     return counter.get_total_flops()
 
 
+GEMM_MARKERS = ('gemm', 'cutlass', 'wgmma', 'sm90_', 'sm80_', 'cublas', 'xmma', 'mm_', 'bmm',
+                'conv', 'dgrad', 'wgrad')
+
+
+def kernel_category(name: str) -> str:
+    """'gemm' (matrix-multiply / convolution kernels: cuBLAS, CUTLASS, Triton mm templates),
+    'triton' (Inductor's fused element-wise / reduction kernels), or 'other' (eager
+    element-wise, copies, reductions)."""
+    low = name.lower()
+    if low.startswith('triton_tem'):   # Inductor's matmul templates
+        return 'gemm'
+    if low.startswith('triton'):       # fused kernels ('..._fused_convolution_...' too)
+        return 'triton'
+    return 'gemm' if any(m in low for m in GEMM_MARKERS) else 'other'
+
+
+def profile_steps(step, device, steps: int, flops_per_step: float, top: int = 8) -> dict:
+    """GPU time of ``steps`` calls of ``step`` by kernel category (torch.profiler), the
+    matmul FLOP rate inside the matmul kernels alone, and the most expensive kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    per_kernel = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, 'device_time_total', None)
+        if us is None:
+            us = getattr(evt, 'cuda_time_total', 0.0)
+        if us and evt.key:
+            per_kernel[evt.key] = per_kernel.get(evt.key, 0.0) + us
+    total_us = sum(per_kernel.values()) or float('nan')
+    cats = {}
+    for name, us in per_kernel.items():
+        cat = kernel_category(name)
+        cats[cat] = cats.get(cat, 0.0) + us
+    gemm_s = cats.get('gemm', 0.0) / 1e6 / steps
+    top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return dict(
+        steps=steps, gpu_ms_per_step=total_us / 1e3 / steps,
+        share={k: v / total_us for k, v in sorted(cats.items())},
+        ms_per_step={k: v / 1e3 / steps for k, v in sorted(cats.items())},
+        gemm_tflops=(flops_per_step / gemm_s / TERA) if gemm_s > 0 else None,
+        top_kernels=[dict(name=n[:120], ms_per_step=us / 1e3 / steps, share=us / total_us,
+                          category=kernel_category(n)) for n, us in top_kernels])
+
+
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
 
-def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_cache):
+def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_cache,
+              profile=0):
     from mimiq_mm.synthesis.methods import float32_matmul_precision
     settings = parse_variant(variant)
     key = (batch, size, 'max_chunk_elements' in settings)
@@ -169,6 +223,9 @@ def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_c
                first_loss=first_loss, loss=float(loss.detach()))
     if device.type == 'cuda':
         row['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile:
+            with float32_matmul_precision('high' if settings['tf32'] else None):
+                row['profile'] = profile_steps(step, device, profile, flops)
     return row
 
 
@@ -244,6 +301,23 @@ def run_to_markdown(run):
                      f"{_fmt_mem(r.get('peak_mem_gib'))} | "
                      f"{'-' if warm is None else f'{warm:.1f}'} | "
                      f"{'-' if first is None else f'{first:.6f}'} |")
+    profiled = [r for r in rows if r.get('profile')]
+    if profiled:
+        lines += ['', 'GPU time by kernel category (torch.profiler; matmul = cuBLAS/CUTLASS/'
+                  'Triton-template matmul and convolution kernels, fused = Inductor Triton '
+                  'kernels; matmul TFLOP/s = the counted FLOPs / time inside matmul kernels):',
+                  '', '| variant | batch | px | GPU ms/step | matmul % | fused % | other % '
+                  '| matmul TFLOP/s | top kernels (ms/step) |', '|---|---|---|---|---|---|---|---|---|']
+        for r in profiled:
+            prof = r['profile']
+            share = prof.get('share', {})
+            tops = '; '.join(f"{k['name'][:48]} ({k['ms_per_step']:.2f})"
+                             for k in prof.get('top_kernels', [])[:4]).replace('|', '/')
+            gemm = prof.get('gemm_tflops')
+            lines.append(f"| {r.get('variant')} | {r['batch']} | {r['size']} | "
+                         f"{prof['gpu_ms_per_step']:.2f} | {100 * share.get('gemm', 0):.0f} | "
+                         f"{100 * share.get('triton', 0):.0f} | {100 * share.get('other', 0):.0f}"
+                         f" | {'-' if gemm is None else f'{gemm:.0f}'} | {tops} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -323,6 +397,11 @@ def main(argv=None):
     parser.add_argument('--replace', action='store_true',
                         help='drop the earlier runs of the results file (default: keep them '
                              'and add this run)')
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                        help='CUDA: after timing, profile STEPS more steps of each row '
+                             '(torch.profiler) and report the GPU time by kernel category '
+                             '(matmul / fused Triton / other), the FLOP rate inside the matmul '
+                             'kernels and the top kernels')
     parser.add_argument('--note', default='', help='free text for the report (e.g. load)')
     parser.add_argument('--commit', default=None,
                         help='commit to tag the run with (default: git rev-parse, if any)')
@@ -381,7 +460,8 @@ def main(argv=None):
                 else:
                     try:
                         row = bench_one(teacher, variant, batch, size, device,
-                                        grid['iterations'], grid['warmup'], flops_cache)
+                                        grid['iterations'], grid['warmup'], flops_cache,
+                                        args.profile)
                     except torch.cuda.OutOfMemoryError:
                         row = dict(variant=variant, batch=batch, size=size, error='OOM')
                     except Exception as err:   # e.g. a compile failure: report, go on

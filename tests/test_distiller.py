@@ -218,6 +218,40 @@ def test_distiller_mask_rcnn_losses_and_predict(tmp_path, scope):
     assert 'teacher_pred_instances' in out[0]
 
 
+@pytest.mark.parametrize('train_scope', ['quantized', 'all'])
+def test_distiller_train_scope(tmp_path, train_scope):
+    """'quantized' (default): fine-tuning updates the backbone (the quantization scope)
+    only; the float neck and heads keep the teacher's weights. 'all': everything trains."""
+    from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
+    cfg = tiny_maskrcnn_swin_cfg()
+    _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
+    kwargs = {} if train_scope == 'quantized' else dict(train_scope=train_scope)
+    d = _build_distiller(cfg.model, tmp_path / 't.pth', **kwargs)
+    assert d.train_scope == train_scope
+    batch = _det_batch()
+    _calibrate(d, batch)
+    losses = d.loss(**d.data_preprocessor(copy.deepcopy(batch), True))
+    sum(losses.values()).backward()
+    for name, p in d.student.named_parameters():
+        in_scope = name.startswith('backbone.')
+        assert p.requires_grad == (in_scope or train_scope == 'all'), name
+        if not p.requires_grad:
+            assert p.grad is None, name
+    grads = {n: p.grad for n, p in d.student.named_parameters() if p.grad is not None}
+    assert any(n.startswith('backbone.') and g.abs().sum() > 0 for n, g in grads.items())
+    assert any(n.startswith('backbone.') and n.endswith('.step') for n in grads)
+    assert any(n.startswith('neck.') for n in grads) == (train_scope == 'all')
+    assert all(not p.requires_grad for p in d.teacher.parameters())
+
+
+def test_distiller_train_scope_error(tmp_path):
+    from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
+    cfg = tiny_maskrcnn_swin_cfg()
+    _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
+    with pytest.raises(ValueError, match="train_scope='heads' is not valid"):
+        _build_distiller(cfg.model, tmp_path / 't.pth', train_scope='heads')
+
+
 def test_distiller_cascade_mask_rcnn(tmp_path):
     from mimiq_mm.testing import load_upstream_config, strip_pretrained, tiny_maskrcnn_swin_cfg
     cfg = load_upstream_config('mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py')

@@ -35,6 +35,7 @@ DEFAULT_KD_WEIGHTS = dict(
     roi_cls=1.0, roi_reg=1.0, roi_mask=1.0,  # RoI head on the teacher's proposals
     seg=1.0, seg_aux=0.4)  # decode head / auxiliary head logits
 FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
+TRAIN_SCOPES = ('quantized', 'all')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
 
@@ -101,6 +102,12 @@ class MimiQDistiller(BaseModel):
         max_kd_rois: per image, at most this many of the teacher's proposals (highest RPN
             score first) for the RoI KD; None = all that ``train_cfg.rpn_proposal`` keeps.
         eval_teacher: also run the teacher in ``predict`` (results as ``teacher_*``).
+        train_scope: which student parameters fine-tuning updates. 'quantized' (default):
+            only those inside the quantization scope (``quant_cfg.scope``: the backbone's
+            weights, LayerNorms and learnt steps); the float parts outside it (neck, heads)
+            stay equal to the teacher's, so the synthetic images, which hold no objects,
+            cannot pull them away from what they learnt on real data. 'all': every
+            parameter of the student.
         load_teacher: load ``teacher_checkpoint`` (False: test-time, when the student comes
             from a MimiQ checkpoint and the teacher is not evaluated).
         teacher_scope: registry scope of the teacher ('mmdet' / 'mmseg'); inferred if None.
@@ -122,6 +129,7 @@ class MimiQDistiller(BaseModel):
                  max_kd_rois: Optional[int] = None,
                  eval_teacher: bool = False,
                  student_train_mode: bool = False,
+                 train_scope: str = 'quantized',
                  load_teacher: bool = True,
                  teacher_scope: Optional[str] = None,
                  data_preprocessor: Optional[Union[dict, nn.Module]] = None,
@@ -134,6 +142,9 @@ class MimiQDistiller(BaseModel):
         unknown = sorted(set(kd_weights or {}) - set(DEFAULT_KD_WEIGHTS))
         if unknown:
             raise ValueError(f'unknown kd_weights {unknown}; valid: {sorted(DEFAULT_KD_WEIGHTS)}')
+        if train_scope not in TRAIN_SCOPES:
+            raise ValueError(f'train_scope={train_scope!r} is not valid; use one of '
+                             f'{TRAIN_SCOPES}')
         if not isinstance(teacher, dict) or 'type' not in teacher:
             raise ValueError('teacher must be a model config dict with a "type" '
                              '(e.g. teacher=_base_.model)')
@@ -161,9 +172,14 @@ class MimiQDistiller(BaseModel):
         self.quant_config = QuantConfig.from_dict(
             dict(quant_cfg) if quant_cfg is not None else None)
         student = copy.deepcopy(teacher_model)
-        for p in student.parameters():
-            p.requires_grad_(True)
         quantize_(student, self.quant_config)
+        trained = (student if train_scope == 'all'
+                   else get_scope(student, self.quant_config.scope)[0])
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.train_scope = train_scope
         # The teacher's attention must expose the same per-head records as the student's
         # (quantize_ adapted the attention modules of the same scope in the student).
         from mimiq_mm.attention import adapt_attention_
