@@ -161,8 +161,14 @@ class Benchmark:
             default = self.work_dir / 'demo_data' if self.args.small else 'data/demo'
             root = Path(demo._resolve(self.args.data_root or default))
             num_train = self.args.num_train or (SMALL_NUM_TRAIN if self.args.small else 1000)
+            existing = (read_json(root / 'manifest.json') or {}).get('config', {})
+            # A folder with more val images than this run needs is kept as it is: rewriting
+            # it would pull images from under another run that reads it (one per GPU).
             config = DemoDataConfig(seed=0, num_train=num_train,
-                                    num_val=max(num_val, 100), size=(256, 256))
+                                    num_val=max(num_val, 100, existing.get('num_val', 0)
+                                                if existing.get('num_train') == num_train
+                                                else 0),
+                                    size=(256, 256))
             generate_demo_data(root, config)  # no-op when current
             self._has_train = True
         else:
@@ -226,6 +232,50 @@ class Benchmark:
                     finished=datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec='seconds'))
 
+    def merge(self, paths) -> dict:
+        """Add the cells of other results files made with the same settings, teachers and
+        card (e.g. one per GPU of a multi-GPU machine, each with its own --out) to the
+        results file of that card under --out. Runs anywhere (no GPU needed)."""
+        header = self._header()
+        others = []
+        for path in paths:
+            other = read_json(Path(path))
+            if not isinstance(other, dict) or 'cells' not in other:
+                raise SystemExit(f'accuracy.py: error: {path} is not an accuracy results file')
+            theirs = {k: other.get(k) for k in header}
+            if theirs != header:
+                raise SystemExit(f'accuracy.py: error: {path} was made with other settings '
+                                 f'({theirs["settings"]} vs {header["settings"]}); not merged')
+            others.append((path, other))
+        cards = {other.get('card') for _, other in others}
+        if len(cards) != 1:
+            raise SystemExit(f'accuracy.py: error: the files were measured on different cards '
+                             f'{sorted(map(str, cards))}; merge each card on its own')
+        # the merged file is the one of the card the cells were measured on
+        self.machine = dict(others[0][1].get('machine') or {})
+        self.json_path = self.json_path.with_name(
+            f'accuracy_{card_name(self.machine)}{"_small" if self.args.small else ""}.json')
+        self.md_path = self.json_path.with_suffix('.md')
+        self.state = self._load_state()
+        for path, other in others:
+            for task, teacher in other.get('teachers', {}).items():
+                known = self.state['teachers'].get(task)
+                if known and known['sha256'] != teacher['sha256']:
+                    raise SystemExit(f'accuracy.py: error: {path} scored another {task} '
+                                     f'teacher ({teacher["sha256"][:12]} vs '
+                                     f'{known["sha256"][:12]}); not merged')
+                self.state['teachers'][task] = teacher
+            added = 0
+            for key, cell in other['cells'].items():
+                if key not in self.state['cells']:
+                    self.state['cells'][key] = cell
+                    added += 1
+            self.state.setdefault('quant', {}).update(other.get('quant', {}))
+            print(f'merged {added} cells from {path}')
+        self._save()
+        print(f'wrote {self.json_path} and {self.md_path}')
+        return self.state
+
     def run(self) -> dict:
         cells = cells_wanted(self.args.tasks, self.args.rows, self.args.bits)
         todo = [c for c in cells if cell_key(*c) not in self.state['cells']]
@@ -256,7 +306,8 @@ class Benchmark:
 def _fmt_cell(cell: Optional[dict], spec) -> Optional[str]:
     if cell is None:
         return None
-    return ' / '.join(f'{100 * cell["metrics"][m.name]:.1f}' for m in spec.metrics)
+    text = ' / '.join(f'{100 * cell["metrics"][m.name]:.1f}' for m in spec.metrics)
+    return text + (' †' if cell.get('source') else '')
 
 
 def render_markdown(state: dict) -> str:
@@ -300,6 +351,9 @@ def render_markdown(state: dict) -> str:
         lines += [f'Ablations at {ABLATION_BITS}:', '',
                   markdown_table(abl, [Column('label', 'variant', align='<'),
                                        Column('value', metric_names)])]
+        sources = sorted({c['source'] for k, c in cells.items()
+                          if k.startswith(f'{task}/') and c.get('source')})
+        lines += [f'† {src}' for src in sources] + ([''] if sources else [])
     return '\n'.join(lines) + '\n'
 
 
@@ -333,11 +387,16 @@ def parse_args(argv=None):
     p.add_argument('--time-budget', type=float, default=None,
                    help='seconds: start no new cell after this (for 10-minute GPU calls)')
     p.add_argument('--force', action='store_true', help='discard the results file, start again')
+    p.add_argument('--merge', nargs='+', default=None, metavar='JSON',
+                   help='run nothing: add the cells of these results files (same settings '
+                        'and teachers, e.g. one per GPU) to the --out file and re-render it')
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    return Benchmark(parse_args(argv)).run()
+    args = parse_args(argv)
+    bench = Benchmark(args)
+    return bench.merge(args.merge) if args.merge else bench.run()
 
 
 if __name__ == '__main__':

@@ -273,8 +273,13 @@ def coco_val_subset(data_root: Path, num_val: int, out_dir: Path) -> Tuple[str, 
     CocoMetric scores every image of its annotation file, so a subset needs its own."""
     ann = data_root / 'coco/annotations/instances_val.json'
     coco = json.loads(ann.read_text())
-    if num_val >= len(coco['images']):
-        return str(ann), len(coco['images'])
+    if num_val > len(coco['images']):
+        # never score fewer images than asked for (a results table would mix val sets)
+        raise ValueError(f'{ann} lists {len(coco["images"])} val images, fewer than the '
+                         f'{num_val} asked for; generate a larger demo set (python '
+                         f'tools/make_demo_data.py --num-val {num_val})')
+    if num_val == len(coco['images']):
+        return str(ann), num_val
     images = sorted(coco['images'], key=lambda im: im['id'])[:num_val]
     keep = {im['id'] for im in images}
     subset = dict(coco, images=images,
