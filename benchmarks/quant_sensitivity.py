@@ -83,6 +83,13 @@ def merge(base: dict, changes: dict) -> dict:
     return out
 
 
+def _machine_line(device) -> str:
+    from mimiq_mm.utils.report import machine_info
+    m = machine_info(device)
+    return (f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), card {m.get('card', '?')}, "
+            f"torch {m.get('torch', '?')}")
+
+
 def main(argv=None):
     import demo
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -98,10 +105,11 @@ def main(argv=None):
     p.add_argument('--num-train', type=int, default=64, help='real TRAIN images (--calib real)')
     p.add_argument('--device', default=None)
     p.add_argument('--out', default='work_dirs/quant_sensitivity')
+    p.add_argument('--note', default='', help='free text for the report')
     args = p.parse_args(argv)
 
     from mmengine.config import Config
-    from mimiq_mm.utils.report import machine_info, write_json
+    from mimiq_mm.utils.report import write_json
     spec = demo.TASKS[args.task]
     wbits, abits = (int(x) for x in args.bits.upper().lstrip('W').split('A'))
     opts = demo.Options(num_val=args.num_val, num_images=args.num_images,
@@ -159,7 +167,8 @@ def main(argv=None):
     md = [f'# PTQ sensitivity: {args.task}, {args.bits}, calibrated on {args.calib} images',
           '', f'{opts.num_images} calibration images'
           + (f' ({opts.synth_iters} synthesis iterations)' if args.calib == 'mimiq' else '')
-          + f', {opts.num_val} demo val images; machine: {machine_info(args.device)}', '',
+          + f', {opts.num_val} demo val images. Machine: {_machine_line(args.device)}.', '',
+          *([args.note, ''] if args.note else []),
           '| variant | ' + ' | '.join(k for k in rows[0] if k not in ('variant', 'description'))
           + ' | what |', '|---|' + '---:|' * (len(rows[0]) - 2) + '---|']
     for r in rows:

@@ -1,0 +1,90 @@
+"""benchmarks/accuracy.py bookkeeping: merging per-GPU results files, and the demo val subset
+that must never hold fewer images than a results table claims."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, rel):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def accuracy():
+    return _load('mimiq_accuracy_tool', 'benchmarks/accuracy.py')
+
+
+def _results_file(accuracy, path: Path, cells: dict, card='NVIDIA H200', num_val=500):
+    settings = dict(accuracy.FULL, num_val=num_val)
+    state = dict(format_version=accuracy.FORMAT_VERSION, settings=settings, small=False,
+                 cells=cells, teachers={'det': dict(path='t.pth', sha256='ab' * 32)},
+                 quant={'det': 'recipe'}, machine=dict(card=card, cpu='x', torch='2'),
+                 card=card)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    return path
+
+
+def _cell(row, bits, bbox, segm, **extra):
+    return dict(task='det', row=row, bits=bits, label=row,
+                metrics=dict(bbox_mAP=bbox, segm_mAP=segm), seconds={}, notes={}, **extra)
+
+
+def test_merge_joins_per_gpu_files_of_one_card(accuracy, tmp_path):
+    a = _results_file(accuracy, tmp_path / 'g0/r.json',
+                      {'det/float/float': _cell('float', 'float', 0.155, 0.147)})
+    b = _results_file(accuracy, tmp_path / 'g1/r.json',
+                      {'det/mimiq/W4A4': _cell('mimiq', 'W4A4', 0.137, 0.129),
+                       'det/ft_real/W4A4': _cell('ft_real', 'W4A4', 0.153, 0.143,
+                                                 source='read back from a log')})
+    out = tmp_path / 'merged'
+    args = accuracy.parse_args(['--tasks', 'det', '--num-val', '500', '--out', str(out),
+                                '--merge', str(a), str(b)])
+    accuracy.Benchmark(args).merge(args.merge)
+    # the merged file is named after the card of the cells, not of this (CPU) machine
+    merged = json.loads((out / 'accuracy_nvidia-h200.json').read_text())
+    assert set(merged['cells']) == {'det/float/float', 'det/mimiq/W4A4', 'det/ft_real/W4A4'}
+    assert merged['card'] == 'NVIDIA H200'
+    md = (out / 'accuracy_nvidia-h200.md').read_text()
+    assert '| 13.7 / 12.9 |' in md and '15.3 / 14.3 †' in md
+    assert '† read back from a log' in md
+    # merging again adds nothing and keeps the cells
+    accuracy.Benchmark(args).merge([str(a)])
+    assert len(json.loads((out / 'accuracy_nvidia-h200.json').read_text())['cells']) == 3
+
+
+def test_merge_refuses_other_settings_or_cards(accuracy, tmp_path):
+    cells = {'det/float/float': _cell('float', 'float', 0.155, 0.147)}
+    a = _results_file(accuracy, tmp_path / 'a.json', cells)
+    other_val = _results_file(accuracy, tmp_path / 'b.json', cells, num_val=100)
+    other_card = _results_file(accuracy, tmp_path / 'c.json', cells, card='NVIDIA H100')
+    base = ['--tasks', 'det', '--num-val', '500', '--out', str(tmp_path / 'm'), '--merge']
+    for bad, words in ((other_val, 'other settings'), (other_card, 'different cards')):
+        args = accuracy.parse_args(base + [str(a), str(bad)])
+        with pytest.raises(SystemExit, match=words):
+            accuracy.Benchmark(args).merge(args.merge)
+    assert not (tmp_path / 'm' / 'accuracy_nvidia-h200.json').exists()
+
+
+def test_coco_val_subset_never_scores_fewer_images(accuracy, tmp_path):
+    demo = accuracy.demo  # tools/demo.py, as the benchmark loads it
+    ann = tmp_path / 'coco/annotations/instances_val.json'
+    ann.parent.mkdir(parents=True)
+    images = [dict(id=i, file_name=f'{i:06d}.png', width=8, height=8) for i in range(5)]
+    anns = [dict(id=i, image_id=i, category_id=1, bbox=[0, 0, 2, 2], area=4, iscrowd=0)
+            for i in range(5)]
+    ann.write_text(json.dumps(dict(images=images, annotations=anns, categories=[])))
+    path, n = demo.coco_val_subset(tmp_path, 3, tmp_path)
+    subset = json.loads(Path(path).read_text())
+    assert n == 3 and [im['id'] for im in subset['images']] == [0, 1, 2]
+    assert {a['image_id'] for a in subset['annotations']} == {0, 1, 2}
+    assert demo.coco_val_subset(tmp_path, 5, tmp_path) == (str(ann), 5)
+    with pytest.raises(ValueError, match='fewer than the 6 asked for'):
+        demo.coco_val_subset(tmp_path, 6, tmp_path)
