@@ -88,3 +88,35 @@ def test_coco_val_subset_never_scores_fewer_images(accuracy, tmp_path):
     assert demo.coco_val_subset(tmp_path, 5, tmp_path) == (str(ann), 5)
     with pytest.raises(ValueError, match='fewer than the 6 asked for'):
         demo.coco_val_subset(tmp_path, 6, tmp_path)
+
+
+def test_ade_val_set_never_scores_fewer_images(accuracy, tmp_path):
+    from mmengine.config import Config
+    demo = accuracy.demo
+    val = tmp_path / 'ade/images/validation'
+    val.mkdir(parents=True)
+    for i in range(3):
+        (val / f'{i:06d}.jpg').write_bytes(b'x')
+    spec = demo.TASKS['seg']
+    cfg = Config(dict(test_dataloader=dict(dataset=dict(type='ADE20KDataset'))))
+    demo._point_test_set(cfg, spec, tmp_path, demo.Options(num_val=3), '')
+    assert cfg.test_dataloader.dataset.indices == 3
+    with pytest.raises(ValueError, match='fewer than the 4 asked for'):
+        demo._point_test_set(cfg, spec, tmp_path, demo.Options(num_val=4), '')
+
+
+def test_real_rows_keep_a_demo_folder_with_more_val_images(accuracy, tmp_path):
+    """The real-data rows need TRAIN images; a folder that already holds them and more val
+    images than this run scores is used as it is, not rewritten under another run reading
+    it (the race that mixed 100- and 500-image det cells on a 4-GPU machine)."""
+    from mimiq_mm.datasets.demo_data import DemoDataConfig, generate_demo_data
+    root = tmp_path / 'demo'
+    # (the real-data rows keep at least the 100 val images of the demo in the folder)
+    generate_demo_data(root, DemoDataConfig(seed=0, num_train=2, num_val=101, size=(256, 256)))
+    before = (root / 'manifest.json').read_bytes()
+    args = accuracy.parse_args(['--small', '--num-val', '4', '--num-train', '2', '--data-root',
+                                str(root), '--out', str(tmp_path / 'out'), '--work-dir',
+                                str(tmp_path / 'work')])
+    assert accuracy.Benchmark(args)._data(need_train=True) == root
+    assert (root / 'manifest.json').read_bytes() == before
+    assert len(list((root / 'coco/val').iterdir())) == 101

@@ -302,6 +302,12 @@ def _point_test_set(cfg, spec: TaskSpec, data_root: Path, opts: Options, ann_fil
         loader.dataset.data_prefix = dict(img='val/')
         cfg.test_evaluator.ann_file = ann_file
     else:
+        val_dir = data_root / 'ade/images/validation'
+        found = sum(1 for f in val_dir.iterdir() if f.is_file()) if val_dir.is_dir() else 0
+        if found < opts.num_val:  # `indices` alone would silently score fewer images
+            raise ValueError(f'{val_dir} holds {found} val images, fewer than the '
+                             f'{opts.num_val} asked for; generate a larger demo set (python '
+                             f'tools/make_demo_data.py --num-val {opts.num_val})')
         loader.dataset.data_root = str(data_root / 'ade')
         loader.dataset.indices = opts.num_val
     cfg.val_dataloader = None
