@@ -131,7 +131,7 @@ def main(argv=None):
                    if spec.dataset == 'coco' else ('', opts.num_val))
     checkpoint = demo._resolve(spec.checkpoint)
     sha = demo.sha256_file(checkpoint)
-    base_cfg = Config.fromfile(demo._resolve(spec.mimiq_config))
+    base_cfg = demo.mimiq_config(spec)
     recipe = demo.RECIPES[{'mimiq': 'ptq_mimiq', 'gaussian': 'ptq_gaussian',
                            'real': 'ptq_real'}[args.calib]]
     settings = demo.synthesis_settings(spec, recipe, opts, dict(base_cfg.synthesis),

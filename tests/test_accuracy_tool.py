@@ -120,3 +120,46 @@ def test_real_rows_keep_a_demo_folder_with_more_val_images(accuracy, tmp_path):
     assert accuracy.Benchmark(args)._data(need_train=True) == root
     assert (root / 'manifest.json').read_bytes() == before
     assert len(list((root / 'coco/val').iterdir())) == 101
+
+
+def test_cfg_options_reach_the_synthetic_images(accuracy):
+    """--cfg-options synthesis.* must change the synthesis of the benchmark / demo rows (and
+    the synthetic set's folder), not only the fine-tuning config."""
+    demo = accuracy.demo
+    spec, recipe, opts = demo.TASKS['det'], demo.RECIPES['mimiq'], demo.Options()
+    plain = demo.synthesis_settings(spec, recipe, opts, dict(demo.mimiq_config(spec).synthesis),
+                                    None)
+    base = demo.mimiq_config(spec, {'synthesis.task_loss': 'task', 'synthesis.w_tv': 1e-4})
+    changed = demo.synthesis_settings(spec, recipe, opts, dict(base.synthesis), None)
+    assert plain['task_loss'] == 'none' and changed['task_loss'] == 'task'
+    assert changed['w_tv'] == 1e-4
+    assert demo.synthetic_dir(Path('s'), changed, 'ab' * 32) != \
+        demo.synthetic_dir(Path('s'), plain, 'ab' * 32)
+
+
+def test_a_finished_synthetic_set_made_otherwise_is_refused(tmp_path):
+    """A finished set is reused as it is; one made with other image-changing settings must
+    stop with an error that names them (settings that do not change the images may differ)."""
+    from mimiq_mm.synthesis import SynthesisConfig, check_synthetic_set
+    made = SynthesisConfig(num_images=4, batch_size=2, iterations=3, w_tv=2.5e-5)
+    (tmp_path / 'manifest.json').write_text(json.dumps(dict(
+        config=made.to_dict(), mean=[0.5] * 3, std=[0.2] * 3, channel_order='rgb')))
+    check_synthetic_set(tmp_path, made)
+    check_synthetic_set(tmp_path, SynthesisConfig(num_images=4, batch_size=2, iterations=3,
+                                                  w_tv=2.5e-5, compile='full', progress=False))
+    with pytest.raises(ValueError, match='w_tv'):
+        check_synthetic_set(tmp_path, SynthesisConfig(num_images=4, batch_size=2,
+                                                      iterations=3, w_tv=1e-4))
+    check_synthetic_set(tmp_path / 'nothing_here', made)  # no manifest: nothing to check
+
+
+def test_synthetic_folders_differ_by_every_image_setting(accuracy):
+    demo = accuracy.demo
+    base = dict(method='mimiq', num_images=8, iterations=5, seed=0, image_size=(256, 256),
+                w_tv=2.5e-5, lr=0.1)
+    names = {demo.synthetic_dir(Path('s'), dict(base, **change), 'ab' * 32).name
+             for change in ({}, {'w_tv': 1e-4}, {'lr': 0.05})}
+    assert len(names) == 3
+    # settings that do not change the images share the folder
+    assert demo.synthetic_dir(Path('s'), dict(base, compile='full', progress=False),
+                              'ab' * 32) == demo.synthetic_dir(Path('s'), base, 'ab' * 32)

@@ -361,8 +361,12 @@ def synthetic_dir(base: Path, settings: dict, teacher_sha: str) -> Path:
     if settings.get('task_loss', 'none') != 'none':
         tag += f'_task-{settings["task_loss"]}'
     h, w = settings.get('image_size', (256, 256))
+    # every other image-changing setting (lr, TV weight, augmentation, ...) in a short hash
+    from mimiq_mm.synthesis.config import RESUME_IGNORED_KEYS
+    rest = {k: v for k, v in settings.items() if k not in RESUME_IGNORED_KEYS}
+    digest = hashlib.sha1(json.dumps(canonical(rest), sort_keys=True).encode()).hexdigest()[:8]
     return base / (f'{tag}_t{teacher_sha[:8]}_n{settings["num_images"]}'
-                   f'_it{settings["iterations"]}_{h}x{w}_s{settings["seed"]}')
+                   f'_it{settings["iterations"]}_{h}x{w}_s{settings["seed"]}_{digest}')
 
 
 def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
@@ -377,17 +381,24 @@ def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
     return q
 
 
+def mimiq_config(spec: TaskSpec, cfg_options: Optional[dict] = None):
+    """The task's demo MimiQ config with ``--cfg-options`` merged in: the one source of the
+    quantizer, distiller AND synthesis settings of every stage (``synthesis.*`` overrides
+    reach the synthetic images too)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(_resolve(spec.mimiq_config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
 def stage_config(spec: TaskSpec, recipe: Recipe, opts: Options, data_root: Path,
                  ann_file: str, teacher_checkpoint: str, work_dir: Path, synth_dir: Path,
                  synth_settings: dict, cfg_options: Optional[dict] = None):
     """The MimiQ config of ``spec`` turned into this recipe's run (what tools/train.py
     would run with the equivalent --cfg-options)."""
-    from mmengine.config import Config
-
     from mimiq_mm.engine import apply_mimiq_fields
-    cfg = Config.fromfile(_resolve(spec.mimiq_config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = mimiq_config(spec, cfg_options)
     cfg.work_dir = str(work_dir)
     cfg.log_level = 'WARNING'
     cfg.teacher_checkpoint = teacher_checkpoint
@@ -512,12 +523,12 @@ def ensure_synthetic(runner, synth_dir: Path) -> Tuple[float, bool]:
     from mimiq_mm.engine import MimiQSynthesisHook, synthetic_set_complete
     from mimiq_mm.synthesis import SynthesisConfig
     settings = SynthesisConfig.from_dict(dict(runner.cfg.synthesis))
-    if synthetic_set_complete(str(synth_dir), settings.num_batches):
-        return 0.0, False
+    existed = synthetic_set_complete(str(synth_dir), settings.num_batches)
     start = time.perf_counter()
+    # skips a finished set after checking that it was made with these settings
     MimiQSynthesisHook(synthesis=dict(runner.cfg.synthesis)).ensure_synthetic_data(
         runner, str(synth_dir))
-    return time.perf_counter() - start, True
+    return (0.0 if existed else time.perf_counter() - start), not existed
 
 
 def run_quant(spec: TaskSpec, recipe: Recipe, cfg, stage_dir: Path, synth_dir: Path,
@@ -661,8 +672,7 @@ def run_demo(args) -> dict:
         timer.add('float: eval', 0.0, 'cached')
     results['float'] = cached
 
-    from mmengine.config import Config
-    base = Config.fromfile(_resolve(spec.mimiq_config))
+    base = mimiq_config(spec, args.cfg_options)
     synth_base = work_dir / 'synthetic'
     figure_path = work_dir / 'attention_teacher_vs_student.png'
     for step, name in enumerate(DEMO_RECIPES, start=3):

@@ -74,11 +74,12 @@ def build_cfg(args):
 
 
 def main(argv=None):
-    from mimiq_mm.engine import build_runner
+    from mimiq_mm.engine import build_runner, close_distributed
     args = parse_args(argv)
     cfg = build_cfg(args)
     runner = build_runner(cfg)
     metrics = runner.test()
+    close_distributed()
     metrics = {k: (float(v) if hasattr(v, '__float__') else v) for k, v in metrics.items()}
     os.makedirs(cfg.work_dir, exist_ok=True)
     with open(osp.join(cfg.work_dir, 'test_metrics.json'), 'w') as f:

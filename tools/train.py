@@ -77,10 +77,11 @@ def build_cfg(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mimiq_mm.engine import build_runner
+    from mimiq_mm.engine import build_runner, close_distributed
     cfg = build_cfg(args)
     runner = build_runner(cfg)
     runner.train()
+    close_distributed()
     return runner
 
 

@@ -1,11 +1,12 @@
 """mimiq_mm.engine: hooks, loops and metrics of the MimiQ fine-tuning run (stage 5)."""
-from .config_utils import (apply_mimiq_fields, build_runner, is_mimiq_config,
-                           wrap_teacher_metrics)
+from .config_utils import (apply_mimiq_fields, build_runner, close_distributed,
+                           is_mimiq_config, wrap_teacher_metrics)
 from .hooks import (MimiQCalibrationHook, MimiQSynthesisHook, sync_observers_,
                     synthetic_set_complete)
 from .loops import MimiQIterBasedTrainLoop
 from .metrics import TeacherMetric
 
 __all__ = ['MimiQCalibrationHook', 'MimiQIterBasedTrainLoop', 'MimiQSynthesisHook',
-           'TeacherMetric', 'apply_mimiq_fields', 'build_runner', 'is_mimiq_config',
+           'TeacherMetric', 'apply_mimiq_fields', 'build_runner', 'close_distributed',
+           'is_mimiq_config',
            'sync_observers_', 'synthetic_set_complete', 'wrap_teacher_metrics']

@@ -99,9 +99,10 @@ class MimiQSynthesisHook(Hook):
             raise ValueError('MimiQSynthesisHook cannot tell where the synthetic set goes: '
                              'set train_dataloader.dataset.data_root or '
                              'MimiQSynthesisHook(data_root=...).')
-        from mimiq_mm.synthesis import SynthesisConfig, synthesize
+        from mimiq_mm.synthesis import SynthesisConfig, check_synthetic_set, synthesize
         settings = SynthesisConfig.from_dict(self._settings(runner))
         if synthetic_set_complete(root, settings.num_batches):
+            check_synthetic_set(root, settings)  # a finished set made otherwise: clear error
             print_log(f'Synthetic set found at {root}; skipping synthesis.', logger='current')
             return root
         model = unwrap_distiller(runner.model)

@@ -4,7 +4,7 @@
 docs/INTERFACES.md; ``tools/generate.py CONFIG`` is its command line.
 """
 from .config import METHODS, TASK_LOSSES, SynthesisConfig
-from .engine import batch_seed, dist_info, shard_batches, synthesize
+from .engine import batch_seed, check_synthetic_set, dist_info, shard_batches, synthesize
 from .methods import (BatchContext, BatchResult, GaussianSynthesis, MimiQSynthesis,
                       NonFiniteSynthesisError, PSAQSynthesis, RealImages, SynthesisMethod,
                       build_method)
@@ -12,7 +12,8 @@ from .psaq import patch_similarity_entropy, psaq_loss
 from .teacher import SynthesisTeacher, as_teacher, build_teacher, load_teacher_checkpoint
 from .writer import (BATCHES_DIR, IMAGES_DIR, MANIFEST, check_image, read_finished_batches)
 
-__all__ = ['METHODS', 'TASK_LOSSES', 'SynthesisConfig', 'synthesize', 'batch_seed',
+__all__ = ['METHODS', 'TASK_LOSSES', 'SynthesisConfig', 'synthesize', 'check_synthetic_set',
+           'batch_seed',
            'dist_info', 'shard_batches', 'BatchContext', 'BatchResult', 'GaussianSynthesis',
            'MimiQSynthesis', 'NonFiniteSynthesisError', 'PSAQSynthesis', 'RealImages',
            'SynthesisMethod', 'build_method', 'patch_similarity_entropy', 'psaq_loss',

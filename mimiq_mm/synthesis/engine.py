@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import logging
 import os
 import time
@@ -81,6 +82,22 @@ def _check_compatible(existing: dict, manifest: dict, out_dir: Path) -> None:
         raise ValueError(
             f'{out_dir} already holds a synthetic dataset made with other settings ({details}). '
             'Resume with the same synthesis config, or choose a new --work-dir / out_dir.')
+
+
+def check_synthetic_set(out_dir, settings: SynthesisConfig) -> None:
+    """Raise ValueError when ``out_dir`` already holds a synthetic set whose manifest was
+    written with other image-changing settings than ``settings`` (a finished set is reused
+    as it is, so a changed config must not meet the images of the old one). No manifest:
+    nothing to check."""
+    folder = Path(out_dir)
+    try:
+        existing = json.loads((folder / 'manifest.json').read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(existing, dict):
+        return
+    wanted = {key: existing.get(key) for key in ('mean', 'std', 'channel_order')}
+    _check_compatible(existing, dict(wanted, config=settings.to_dict()), folder)
 
 
 def _make_progress(total: int, enabled: bool, desc: str):
