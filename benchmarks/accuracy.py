@@ -215,8 +215,7 @@ class Benchmark:
             result = demo.run_float(spec, opts, data_root, ann_file, checkpoint, stage_dir,
                                     timer)
         else:
-            from mmengine.config import Config
-            base = Config.fromfile(demo._resolve(spec.mimiq_config))
+            base = demo.mimiq_config(spec, self.settings.get('cfg_options'))
             settings = demo.synthesis_settings(spec, recipe, opts, dict(base.synthesis),
                                                data_root)
             synth_dir = demo.synthetic_dir(self.work_dir / task / 'synthetic', settings, sha)
