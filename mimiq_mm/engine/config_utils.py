@@ -55,12 +55,10 @@ def build_runner(cfg):
 
 
 def close_distributed() -> None:
-    """Destroy the default process group after a successful run (tools/train.py, test.py).
-
-    mmengine never does; a gloo process left to interpreter shutdown with its group alive
-    can abort there ("terminate called without an active exception", exit code -6) after
-    all its work is done, which torchrun reports as a failed run. Not called on an
-    exception: destroying a group while other ranks may still be in a collective can hang.
+    """Destroy the default process group after a successful run (tools/train.py, test.py),
+    as the torch.distributed documentation asks of every process: mmengine never does, and
+    torch then warns or, with gloo, may fail while the interpreter shuts down. Not called on
+    an exception: destroying a group while other ranks may still be in a collective can hang.
     """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
