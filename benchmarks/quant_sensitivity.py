@@ -108,7 +108,6 @@ def main(argv=None):
     p.add_argument('--note', default='', help='free text for the report')
     args = p.parse_args(argv)
 
-    from mmengine.config import Config
     from mimiq_mm.utils.report import write_json
     spec = demo.TASKS[args.task]
     wbits, abits = (int(x) for x in args.bits.upper().lstrip('W').split('A'))
@@ -120,11 +119,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     need_train = args.calib == 'real'
     if need_train:
-        from make_demo_data import make_coco, make_ade  # noqa: F401
+        from mimiq_mm.datasets.demo_data import DemoDataConfig, generate_demo_data
         data_root = Path(demo._resolve('data/demo_sens'))
-        import make_demo_data
-        make_demo_data.main(['--out', str(data_root), '--num-train', str(args.num_train),
-                             '--num-val', str(args.num_val)])
+        generate_demo_data(data_root, DemoDataConfig(seed=0, num_train=args.num_train,
+                                                     num_val=args.num_val, size=(256, 256)))
     else:
         data_root = demo.prepare_val_data(None, opts.num_val)
     ann_file, _ = (demo.coco_val_subset(data_root, opts.num_val, out)
