@@ -65,7 +65,8 @@ PRECISIONS = ('fp32', 'tf32', 'bf16')
 VARIANT_FLAGS = {'compile-loss': ('compile', 'loss'), 'compile-full': ('compile', 'full'),
                  'autotune': ('compile_mode', 'max-autotune-no-cudagraphs'),
                  'cudagraphs': ('compile_mode', 'reduce-overhead'),
-                 'nochunk': ('max_chunk_elements', 1 << 62)}
+                 'nochunk': ('max_chunk_elements', 1 << 62),
+                 'backbone-only': ('backbone_only', True)}
 DEFAULT_VARIANTS = ('fp32',)
 
 
@@ -76,7 +77,10 @@ def parse_variant(name: str) -> dict:
     compile-loss (synthesis.compile='loss'), compile-full ('full'), autotune
     (compile_mode='max-autotune-no-cudagraphs'), cudagraphs (compile_mode='reduce-overhead':
     the compiled graphs replayed as CUDA graphs), nochunk (no L_sim query chunks, hence no
-    activation checkpointing of them).
+    activation checkpointing of them), backbone-only (a reference, not a synthesis step: the
+    plain backbone forward with nothing recorded, a sum of squares of its outputs as the loss,
+    backward to the pixels and AdamW; with compile-full it is compiled as one graph. Its FLOPs
+    are counted on that step, so its TFLOP/s is the rate the backbone alone reaches).
     """
     precision, *flags = name.split('+')
     if precision not in PRECISIONS:
@@ -99,9 +103,35 @@ def parse_variant(name: str) -> dict:
 def build_method(teacher, variant: str, batch: int, size: int):
     from mimiq_mm.synthesis import SynthesisConfig
     from mimiq_mm.synthesis import build_method as build
+    settings = parse_variant(variant)
+    if settings.pop('backbone_only', False):
+        return BackboneOnly(teacher, settings)
     cfg = SynthesisConfig(batch_size=batch, image_size=size, progress=False, figures=False,
-                          **parse_variant(variant))
+                          **settings)
     return build(cfg, teacher, attention=True)
+
+
+class BackboneOnly:
+    """The ``backbone-only`` reference: ``step_terms`` = the teacher backbone's forward (no
+    attention records, no L_sim) and a sum of squares of its outputs, so the benchmark times
+    what the backbone alone costs with the same precision / compile settings."""
+
+    def __init__(self, teacher, settings: dict):
+        self.teacher = teacher
+        self.bf16 = bool(settings.get('bf16'))
+        fn = self._loss
+        if settings.get('compile', 'none') != 'none':
+            fn = torch.compile(fn, dynamic=False,
+                               mode=settings.get('compile_mode') or None)
+        self.fn = fn
+
+    def _loss(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outs = self.teacher.model(x)
+        return sum(o.float().square().mean() for o in outs)
+
+    def step_terms(self, x, _pixels, _generator):
+        return dict(loss=self.fn(x))
 
 
 def make_step(method, x):
@@ -124,7 +154,9 @@ def count_flops(teacher, batch, size, device, settings):
     chunks the checkpoint recomputation is included)."""
     from torch.utils.flop_counter import FlopCounterMode
     eager = build_method(teacher, 'fp32' + ('+nochunk' if settings.get('max_chunk_elements')
-                                            else ''), batch, size)
+                                            else '')
+                         + ('+backbone-only' if settings.get('backbone_only') else ''),
+                         batch, size)
     x = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         eager.step_terms(x, x, None)['loss'].backward()
@@ -188,7 +220,7 @@ def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_c
               profile=0):
     from mimiq_mm.synthesis.methods import float32_matmul_precision
     settings = parse_variant(variant)
-    key = (batch, size, 'max_chunk_elements' in settings)
+    key = (batch, size, 'max_chunk_elements' in settings, 'backbone_only' in settings)
     if key not in flops_cache:
         flops_cache[key] = count_flops(teacher, batch, size, device, settings)
     flops = flops_cache[key]
