@@ -107,6 +107,8 @@ class Benchmark:
             value = getattr(args, key, None)
             if value is not None:
                 self.settings[key] = value
+        if args.seed:  # another seed is another experiment: never merged with seed 0's
+            self.settings['seed'] = int(args.seed)
         if args.cfg_options:  # e.g. the activation range estimator; part of the settings
             self.settings['cfg_options'] = dict(sorted(args.cfg_options.items()))
         self.work_dir = Path(demo._resolve(args.work_dir))
@@ -319,6 +321,7 @@ def render_markdown(state: dict) -> str:
              f'Settings: {s.get("num_images")} synthetic images x {s.get("synth_iters")} '
              f'iterations (batch {s.get("synth_batch")}); fine-tuning {s.get("ft_iters")} '
              f'iterations x {s.get("ft_batch")} images; {s.get("num_val")} val images'
+             f'; seed {s.get("seed", 0)}'
              + (' (**--small smoke settings: not meaningful numbers**)' if state.get('small')
                 else '') + '.', '']
     cells = state.get('cells', {})
@@ -381,7 +384,11 @@ def parse_args(argv=None):
                    help='overrides of the demo MimiQ configs for every quantized row, e.g. '
                         'quant_cfg.act.observer=mse quant_cfg.attn_prob.kind=log2 '
                         '(recorded in the results header)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0,
+                   help='seed of synthesis, calibration order and fine-tuning; a seed other '
+                        'than 0 is part of the settings, so its cells never mix with seed '
+                        "0's (run each seed with its own --out and compare them with "
+                        'benchmarks/accuracy_seeds.py)')
     p.add_argument('--device', default=None, help='synthesis device (default: cuda if present)')
     p.add_argument('--time-budget', type=float, default=None,
                    help='seconds: start no new cell after this (for 10-minute GPU calls)')

@@ -73,6 +73,20 @@ def test_merge_refuses_other_settings_or_cards(accuracy, tmp_path):
     assert not (tmp_path / 'm' / 'accuracy_nvidia-h200.json').exists()
 
 
+def test_seed_is_part_of_the_settings(accuracy, tmp_path):
+    cells = {'det/ptq_real/W4A4': _cell('ptq_real', 'W4A4', 0.142, 0.130)}
+    seed0 = _results_file(accuracy, tmp_path / 'a.json', cells)
+    base = ['--tasks', 'det', '--num-val', '500', '--out', str(tmp_path / 'm')]
+    # a seed-1 run refuses to merge seed-0 cells (and would refuse to resume their file)
+    args = accuracy.parse_args(base + ['--seed', '1', '--merge', str(seed0)])
+    with pytest.raises(SystemExit, match='other settings'):
+        accuracy.Benchmark(args).merge(args.merge)
+    # seed 0 keeps the settings of files written before the seed was recorded
+    args = accuracy.parse_args(base + ['--merge', str(seed0)])
+    merged = accuracy.Benchmark(args).merge(args.merge)
+    assert 'seed' not in merged['settings'] and len(merged['cells']) == 1
+
+
 def test_coco_val_subset_never_scores_fewer_images(accuracy, tmp_path):
     demo = accuracy.demo  # tools/demo.py, as the benchmark loads it
     ann = tmp_path / 'coco/annotations/instances_val.json'
@@ -163,3 +177,38 @@ def test_synthetic_folders_differ_by_every_image_setting(accuracy):
     # settings that do not change the images share the folder
     assert demo.synthetic_dir(Path('s'), dict(base, compile='full', progress=False),
                               'ab' * 32) == demo.synthetic_dir(Path('s'), base, 'ab' * 32)
+
+
+def test_accuracy_seeds_groups_runs_and_refuses_mixed_inputs(accuracy, tmp_path):
+    seeds = _load('mimiq_accuracy_seeds', 'benchmarks/accuracy_seeds.py')
+    main = _results_file(accuracy, tmp_path / 's0/r.json',
+                         {'det/float/float': _cell('float', 'float', 0.155, 0.147),
+                          'det/mimiq/W4A4': _cell('mimiq', 'W4A4', 0.140, 0.133),
+                          'det/mimiq/W6A6': _cell('mimiq', 'W6A6', 0.150, 0.140)})
+    runs = []
+    for seed, bbox in ((1, 0.143), (2, 0.137)):
+        path = _results_file(accuracy, tmp_path / f's{seed}/r.json',
+                             {'det/mimiq/W4A4': _cell('mimiq', 'W4A4', bbox, 0.130)})
+        state = json.loads(path.read_text())
+        state['settings']['seed'] = seed
+        path.write_text(json.dumps(state))
+        runs.append(str(path))
+    out = tmp_path / 'out'
+    record = seeds.main([str(main), *runs, '--float', str(main), '--rows', 'mimiq',
+                         '--bits', 'W4A4', '--out', str(out)])
+    (row,) = record['rows']  # W6A6 and float filtered out; the three seeds form one group
+    assert row['seeds'] == [0, 1, 2]
+    bbox = row['metrics']['bbox_mAP']
+    assert bbox['values'] == [0.140, 0.143, 0.137]
+    assert bbox['mean'] == pytest.approx(0.140) and bbox['stdev'] == pytest.approx(0.003)
+    assert bbox['of_float'] == pytest.approx(0.140 / 0.155)
+    md = (out / 'accuracy_seeds_nvidia-h200.md').read_text()
+    assert '14.0 / 13.3; 14.3 / 13.0; 13.7 / 13.0' in md and '14.00 +- 0.30' in md
+    # the same seed twice, or another card, is refused
+    with pytest.raises(SystemExit, match='seed 1'):
+        seeds.main([runs[0], runs[0], '--out', str(out)])
+    other = _results_file(accuracy, tmp_path / 'h100/r.json',
+                          {'det/mimiq/W4A4': _cell('mimiq', 'W4A4', 0.1, 0.1)},
+                          card='NVIDIA H100')
+    with pytest.raises(SystemExit, match='different cards'):
+        seeds.main([str(main), str(other), '--out', str(out)])

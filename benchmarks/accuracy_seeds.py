@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Run-to-run spread of benchmarks/accuracy.py cells: one results file per seed, compared.
+
+A single accuracy cell on the demo detector moves by a few tenths of an AP from one seed to
+the next (synthetic images, calibration order, fine-tuning order), which is as large as the
+differences the tables are read for. This tool groups the cells of several results files
+(typically one ``accuracy.py --seed N --out DIR`` run per seed) by task, row, bit width,
+number of images (synthetic, or real for the real-data rows) and ``--cfg-options``, and reports every seed's value, the mean and
+the spread, plus the mean as a share of the float teacher's.
+
+    python benchmarks/accuracy_seeds.py --out benchmarks/results/accuracy/det_seeds \\
+        --float benchmarks/results/accuracy/det/accuracy_nvidia-h200.json \\
+        RUN_SEED0/accuracy_nvidia-h200.json RUN_SEED1/accuracy_nvidia-h200.json ...
+
+Every file must come from the same card and score the same val images (``num_val``). Two
+files with the same seed for one group are refused (the same experiment counted twice).
+Writes ``accuracy_seeds_<card>.json`` and ``.md`` under ``--out``.
+"""
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: settings that do not define an experiment group (they vary between seeds of one group)
+SEED_LEVEL = ('seed', 'synth_batch')
+
+
+def card_name(card: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200' (as accuracy.py names its files)."""
+    return re.sub(r'[^a-z0-9]+', '-', str(card).lower()).strip('-') or 'cpu'
+
+
+def load(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f'accuracy_seeds.py: error: cannot read {path}: {err}')
+    if not isinstance(state, dict) or 'cells' not in state or 'settings' not in state:
+        raise SystemExit(f'accuracy_seeds.py: error: {path} is not an accuracy results file')
+    return state
+
+
+def group_key(cell: dict, settings: dict) -> tuple:
+    options = settings.get('cfg_options') or {}
+    uses_images = cell['row'] != 'float'
+    return (cell['task'], cell['row'], cell['bits'],
+            settings.get('num_images') if uses_images else None,
+            json.dumps(options, sort_keys=True))
+
+
+def collect(paths, float_path=None, rows=None, bits=None) -> dict:
+    groups, cards, num_val, floats = {}, set(), {}, {}
+    for path in paths:
+        state = load(Path(path))
+        settings = state['settings']
+        cards.add(state.get('card'))
+        if len(cards) > 1:
+            raise SystemExit(f'accuracy_seeds.py: error: the files come from different cards '
+                             f'{sorted(map(str, cards))}; compare one card at a time')
+        seed = int(settings.get('seed', 0))
+        for cell in state['cells'].values():
+            task = cell['task']
+            if (rows and cell['row'] not in rows) or (bits and cell['bits'] not in bits):
+                continue
+            if num_val.setdefault(task, settings['num_val']) != settings['num_val']:
+                raise SystemExit(f'accuracy_seeds.py: error: {path} scores {settings["num_val"]}'
+                                 f' {task} val images, another file {num_val[task]}')
+            key = group_key(cell, settings)
+            runs = groups.setdefault(key, {})
+            if seed in runs:
+                raise SystemExit(f'accuracy_seeds.py: error: seed {seed} of {key[:3]} is in '
+                                 f'both {runs[seed]["file"]} and {path}')
+            runs[seed] = dict(metrics=cell['metrics'], file=str(path),
+                              settings={k: settings[k] for k in SEED_LEVEL if k in settings})
+    if float_path:
+        state = load(Path(float_path))
+        cards.add(state.get('card'))
+        for cell in state['cells'].values():
+            if cell['row'] == 'float':
+                floats[cell['task']] = cell['metrics']
+    if len(cards) != 1:
+        raise SystemExit(f'accuracy_seeds.py: error: the files come from different cards '
+                         f'{sorted(map(str, cards))}; compare one card at a time')
+    return dict(groups=groups, card=cards.pop(), num_val=num_val, floats=floats)
+
+
+def summarise(data: dict) -> list:
+    rows = []
+    for key, runs in sorted(data['groups'].items(), key=lambda kv: tuple(map(str, kv[0]))):
+        task, row, bits, images, options = key
+        seeds = sorted(runs)
+        metrics = list(runs[seeds[0]]['metrics'])
+        stats = {}
+        for m in metrics:
+            values = [runs[s]['metrics'][m] for s in seeds]
+            mean = statistics.fmean(values)
+            ref = data['floats'].get(task, {}).get(m)
+            stats[m] = dict(values=values, mean=mean, min=min(values), max=max(values),
+                            stdev=statistics.stdev(values) if len(values) > 1 else None,
+                            of_float=(mean / ref) if ref else None)
+        rows.append(dict(task=task, row=row, bits=bits, num_images=images,
+                         cfg_options=json.loads(options), seeds=seeds, metrics=stats,
+                         files={str(s): runs[s]['file'] for s in seeds},
+                         seed_settings={str(s): runs[s]['settings'] for s in seeds}))
+    return rows
+
+
+def to_markdown(rows, data) -> str:
+    lines = ['# Seed-to-seed spread of accuracy cells', '',
+             f'Card **{data["card"]}**; val images: '
+             + ', '.join(f'{t} {n}' for t, n in sorted(data['num_val'].items()))
+             + '. Values in % (bbox / segm mAP for det, mIoU for seg). Mean +- sample '
+               'standard deviation over the seeds; "of float" = mean / float teacher.', '',
+             '| task | row | bits | images | cfg-options | seeds | per seed | mean '
+             '(+- sd) | of float |', '|---|---|---|---:|---|---|---|---|---|']
+    for r in rows:
+        names = list(r['metrics'])
+        per_seed = '; '.join(
+            ' / '.join(f'{100 * r["metrics"][m]["values"][i]:.1f}' for m in names)
+            for i in range(len(r['seeds'])))
+        mean = ' / '.join(
+            f'{100 * r["metrics"][m]["mean"]:.2f}'
+            + (f' +- {100 * r["metrics"][m]["stdev"]:.2f}' if r['metrics'][m]['stdev']
+               is not None else '') for m in names)
+        of_float = ' / '.join(f'{100 * r["metrics"][m]["of_float"]:.1f} %'
+                              if r['metrics'][m]['of_float'] else 'n/a' for m in names)
+        options = ' '.join(f'{k}={v}' for k, v in r['cfg_options'].items()) or '-'
+        lines.append(f'| {r["task"]} | {r["row"]} | {r["bits"]} | '
+                     f'{r["num_images"] if r["num_images"] is not None else "-"} | {options} | '
+                     f'{", ".join(map(str, r["seeds"]))} | {per_seed} | {mean} | {of_float} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('files', nargs='+', help='accuracy.py results files (JSON), one per seed')
+    p.add_argument('--float', dest='float_path', default=None,
+                   help='results file holding the float teacher cells (for "of float")')
+    p.add_argument('--rows', nargs='+', default=None, help='only these rows')
+    p.add_argument('--bits', nargs='+', default=None, help='only these bit widths')
+    p.add_argument('--out', required=True, help='folder for the JSON and Markdown')
+    args = p.parse_args(argv)
+    data = collect(args.files, args.float_path, args.rows, args.bits)
+    if not data['groups']:
+        p.error('no cells left after --rows / --bits')
+    rows = summarise(data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f'accuracy_seeds_{card_name(data["card"])}'
+    record = dict(card=data['card'], num_val=data['num_val'], floats=data['floats'], rows=rows,
+                  updated=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec='seconds'))
+    stem.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
+    md = to_markdown(rows, data)
+    stem.with_suffix('.md').write_text(md)
+    print(md)
+    print(f'wrote {stem}.json and {stem}.md')
+    return record
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main() else 1)
