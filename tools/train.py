@@ -87,3 +87,7 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+    # after a distributed run: leave without interpreter finalization (a torch/gloo
+    # teardown abort would turn the finished run into a failure; see the function)
+    from mimiq_mm.engine import exit_after_distributed_run
+    exit_after_distributed_run()
