@@ -396,7 +396,16 @@ def parse_args(argv=None):
     p.add_argument('--merge', nargs='+', default=None, metavar='JSON',
                    help='run nothing: add the cells of these results files (same settings '
                         'and teachers, e.g. one per GPU) to the --out file and re-render it')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    real_rows = [r for r in args.rows if r in demo.RECIPES and demo.RECIPES[r].synthesis == 'real']
+    num_images = args.num_images or (SMALL if args.small else FULL)['num_images']
+    num_train = args.num_train or (SMALL_NUM_TRAIN if args.small else 1000)
+    if real_rows and not args.merge and num_images > num_train:
+        # found before any cell runs, not after an hour of other cells
+        p.error(f'rows {real_rows} calibrate / fine-tune on --num-images {num_images} real '
+                f'train images, but --num-train is {num_train}: raise --num-train or run '
+                'the real-data rows with their own --num-images')
+    return args
 
 
 def main(argv=None):

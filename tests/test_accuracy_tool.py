@@ -212,3 +212,15 @@ def test_accuracy_seeds_groups_runs_and_refuses_mixed_inputs(accuracy, tmp_path)
                           card='NVIDIA H100')
     with pytest.raises(SystemExit, match='different cards'):
         seeds.main([str(main), str(other), '--out', str(out)])
+
+
+def test_real_rows_with_more_images_than_train_images_fail_before_running(accuracy, capsys):
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(['--tasks', 'det', '--rows', 'mimiq', 'ptq_real',
+                             '--num-images', '512', '--num-train', '256'])
+    assert "rows ['ptq_real']" in capsys.readouterr().err
+    # without real-data rows, or with enough train images, the same sizes are fine
+    assert accuracy.parse_args(['--rows', 'mimiq', '--num-images', '512',
+                                '--num-train', '256']).num_images == 512
+    assert accuracy.parse_args(['--rows', 'ptq_real', '--num-images', '512',
+                                '--num-train', '512']).num_train == 512
