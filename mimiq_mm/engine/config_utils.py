@@ -87,7 +87,7 @@ def exit_after_distributed_run(code: int = 0) -> None:
     reports the whole successful run as failed. Measured with a 2-rank gloo script
     (torchrun; 5 DDP steps, barrier, destroy_process_group, exit; torch 2.14.1, 2-core CPU
     machine): 19 aborts in 100 launches; ending the processes with ``os._exit(0)`` as here:
-    0 in 100 (interleaved with the former, 60 + 40 launches each). The logs are flushed and
+    0 in 100 (40 launches each in turn, then 60 interleaved pairs). The logs are flushed and
     closed first; nothing is lost.
     """
     if not _closed_process_group:
