@@ -161,7 +161,8 @@ def _seg_batch(num_images=2, size=64):
 
 def _build_distiller(model_cfg, ckpt, scope='backbone', **kwargs):
     from mimiq_mm.models import MimiQDistiller
-    quant = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4), scope=scope)
+    quant = kwargs.pop('quant_cfg', None) or dict(weight=dict(bits=4), act=dict(bits=4),
+                                                  attn_prob=dict(bits=4), scope=scope)
     return MimiQDistiller(teacher=copy.deepcopy(model_cfg), teacher_checkpoint=str(ckpt),
                           quant_cfg=quant, **kwargs)
 
@@ -218,10 +219,11 @@ def test_distiller_mask_rcnn_losses_and_predict(tmp_path, scope):
     assert 'teacher_pred_instances' in out[0]
 
 
-@pytest.mark.parametrize('train_scope', ['quantized', 'all'])
+@pytest.mark.parametrize('train_scope', ['quantized', 'all', 'steps'])
 def test_distiller_train_scope(tmp_path, train_scope):
     """'quantized' (default): fine-tuning updates the backbone (the quantization scope)
-    only; the float neck and heads keep the teacher's weights. 'all': everything trains."""
+    only; the float neck and heads keep the teacher's weights. 'all': everything trains.
+    'steps': only the learnt quantizer steps of the backbone."""
     from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
     cfg = tiny_maskrcnn_swin_cfg()
     _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
@@ -234,6 +236,8 @@ def test_distiller_train_scope(tmp_path, train_scope):
     sum(losses.values()).backward()
     for name, p in d.student.named_parameters():
         in_scope = name.startswith('backbone.')
+        if train_scope == 'steps':
+            in_scope = in_scope and name.endswith('.step')
         assert p.requires_grad == (in_scope or train_scope == 'all'), name
         if not p.requires_grad:
             assert p.grad is None, name
@@ -241,6 +245,7 @@ def test_distiller_train_scope(tmp_path, train_scope):
     assert any(n.startswith('backbone.') and g.abs().sum() > 0 for n, g in grads.items())
     assert any(n.startswith('backbone.') and n.endswith('.step') for n in grads)
     assert any(n.startswith('neck.') for n in grads) == (train_scope == 'all')
+    assert any(n.endswith('.weight') for n in grads) == (train_scope != 'steps')
     assert all(not p.requires_grad for p in d.teacher.parameters())
 
 
@@ -250,6 +255,11 @@ def test_distiller_train_scope_error(tmp_path):
     _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
     with pytest.raises(ValueError, match="train_scope='heads' is not valid"):
         _build_distiller(cfg.model, tmp_path / 't.pth', train_scope='heads')
+    # no learnt steps anywhere: 'steps' would train nothing
+    fixed = dict(weight=dict(bits=4), act=dict(bits=4, observer='minmax', lsq=False),
+                 attn_prob=dict(bits=4, observer='minmax', lsq=False), scope='backbone')
+    with pytest.raises(ValueError, match='leaves nothing to fine-tune'):
+        _build_distiller(cfg.model, tmp_path / 't.pth', train_scope='steps', quant_cfg=fixed)
 
 
 def test_distiller_cascade_mask_rcnn(tmp_path):

@@ -35,7 +35,7 @@ DEFAULT_KD_WEIGHTS = dict(
     roi_cls=1.0, roi_reg=1.0, roi_mask=1.0,  # RoI head on the teacher's proposals
     seg=1.0, seg_aux=0.4)  # decode head / auxiliary head logits
 FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
-TRAIN_SCOPES = ('quantized', 'all')
+TRAIN_SCOPES = ('quantized', 'all', 'steps')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
 
@@ -107,7 +107,9 @@ class MimiQDistiller(BaseModel):
             weights, LayerNorms and learnt steps); the float parts outside it (neck, heads)
             stay equal to the teacher's, so the synthetic images, which hold no objects,
             cannot pull them away from what they learnt on real data. 'all': every
-            parameter of the student.
+            parameter of the student. 'steps': only the learnt quantizer steps (LSQ
+            ``step`` parameters) inside the quantization scope; every float weight stays the
+            teacher's.
         load_teacher: load ``teacher_checkpoint`` (False: test-time, when the student comes
             from a MimiQ checkpoint and the teacher is not evaluated).
         teacher_scope: registry scope of the teacher ('mmdet' / 'mmseg'); inferred if None.
@@ -173,11 +175,17 @@ class MimiQDistiller(BaseModel):
             dict(quant_cfg) if quant_cfg is not None else None)
         student = copy.deepcopy(teacher_model)
         quantize_(student, self.quant_config)
-        trained = (student if train_scope == 'all'
-                   else get_scope(student, self.quant_config.scope)[0])
+        scope = student if train_scope == 'all' else get_scope(student,
+                                                               self.quant_config.scope)[0]
+        trained = [p for name, p in scope.named_parameters()
+                   if train_scope != 'steps' or name.rsplit('.', 1)[-1] == 'step']
+        if not trained:
+            raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
+                             'quantizers of this quant_cfg learn no steps (lsq=False '
+                             "everywhere); use train_scope='quantized'")
         for p in student.parameters():
             p.requires_grad_(False)
-        for p in trained.parameters():
+        for p in trained:
             p.requires_grad_(True)
         self.train_scope = train_scope
         # The teacher's attention must expose the same per-head records as the student's
