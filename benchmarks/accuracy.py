@@ -397,7 +397,8 @@ def parse_args(argv=None):
                    help='run nothing: add the cells of these results files (same settings '
                         'and teachers, e.g. one per GPU) to the --out file and re-render it')
     args = p.parse_args(argv)
-    real_rows = [r for r in args.rows if r in demo.RECIPES and demo.RECIPES[r].synthesis == 'real']
+    real_rows = [r for r in args.rows
+                 if r in demo.RECIPES and demo.RECIPES[r].synthesis == 'real']
     num_images = args.num_images or (SMALL if args.small else FULL)['num_images']
     num_train = args.num_train or (SMALL_NUM_TRAIN if args.small else 1000)
     if real_rows and not args.merge and num_images > num_train:

@@ -19,28 +19,25 @@ Writes ``accuracy_seeds_<card>.json`` and ``.md`` under ``--out``.
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from mimiq_mm.utils.report import (Column, card_slug, markdown_table, percent_of,  # noqa: E402
+                                   read_json, write_json)
+
 #: settings that do not define an experiment group (they vary between seeds of one group)
 SEED_LEVEL = ('seed', 'synth_batch')
 
 
-def card_name(card: str) -> str:
-    """'NVIDIA H200' -> 'nvidia-h200' (as accuracy.py names its files)."""
-    return re.sub(r'[^a-z0-9]+', '-', str(card).lower()).strip('-') or 'cpu'
-
-
 def load(path: Path) -> dict:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f'accuracy_seeds.py: error: cannot read {path}: {err}')
+    state = read_json(path)
     if not isinstance(state, dict) or 'cells' not in state or 'settings' not in state:
-        raise SystemExit(f'accuracy_seeds.py: error: {path} is not an accuracy results file')
+        raise SystemExit(f'accuracy_seeds.py: error: {path} is missing, unreadable or not an '
+                         'accuracy results file')
     return state
 
 
@@ -54,13 +51,18 @@ def group_key(cell: dict, settings: dict) -> tuple:
 
 def collect(paths, float_path=None, rows=None, bits=None) -> dict:
     groups, cards, num_val, floats = {}, set(), {}, {}
-    for path in paths:
+
+    def load_one_card(path):
         state = load(Path(path))
-        settings = state['settings']
         cards.add(state.get('card'))
         if len(cards) > 1:
             raise SystemExit(f'accuracy_seeds.py: error: the files come from different cards '
                              f'{sorted(map(str, cards))}; compare one card at a time')
+        return state
+
+    for path in paths:
+        state = load_one_card(path)
+        settings = state['settings']
         seed = int(settings.get('seed', 0))
         for cell in state['cells'].values():
             task = cell['task']
@@ -77,14 +79,9 @@ def collect(paths, float_path=None, rows=None, bits=None) -> dict:
             runs[seed] = dict(metrics=cell['metrics'], file=str(path),
                               settings={k: settings[k] for k in SEED_LEVEL if k in settings})
     if float_path:
-        state = load(Path(float_path))
-        cards.add(state.get('card'))
-        for cell in state['cells'].values():
+        for cell in load_one_card(float_path)['cells'].values():
             if cell['row'] == 'float':
                 floats[cell['task']] = cell['metrics']
-    if len(cards) != 1:
-        raise SystemExit(f'accuracy_seeds.py: error: the files come from different cards '
-                         f'{sorted(map(str, cards))}; compare one card at a time')
     return dict(groups=groups, card=cards.pop(), num_val=num_val, floats=floats)
 
 
@@ -98,10 +95,10 @@ def summarise(data: dict) -> list:
         for m in metrics:
             values = [runs[s]['metrics'][m] for s in seeds]
             mean = statistics.fmean(values)
-            ref = data['floats'].get(task, {}).get(m)
+            share = percent_of(mean, data['floats'].get(task, {}).get(m))
             stats[m] = dict(values=values, mean=mean, min=min(values), max=max(values),
                             stdev=statistics.stdev(values) if len(values) > 1 else None,
-                            of_float=(mean / ref) if ref else None)
+                            of_float=None if share is None else share / 100)
         rows.append(dict(task=task, row=row, bits=bits, num_images=images,
                          cfg_options=json.loads(options), seeds=seeds, metrics=stats,
                          files={str(s): runs[s]['file'] for s in seeds},
@@ -110,29 +107,32 @@ def summarise(data: dict) -> list:
 
 
 def to_markdown(rows, data) -> str:
-    lines = ['# Seed-to-seed spread of accuracy cells', '',
-             f'Card **{data["card"]}**; val images: '
-             + ', '.join(f'{t} {n}' for t, n in sorted(data['num_val'].items()))
-             + '. Values in % (bbox / segm mAP for det, mIoU for seg). Mean +- sample '
-               'standard deviation over the seeds; "of float" = mean / float teacher.', '',
-             '| task | row | bits | images | cfg-options | seeds | per seed | mean '
-             '(+- sd) | of float |', '|---|---|---|---:|---|---|---|---|---|']
+    table = []
     for r in rows:
-        names = list(r['metrics'])
-        per_seed = '; '.join(
-            ' / '.join(f'{100 * r["metrics"][m]["values"][i]:.1f}' for m in names)
-            for i in range(len(r['seeds'])))
-        mean = ' / '.join(
-            f'{100 * r["metrics"][m]["mean"]:.2f}'
-            + (f' +- {100 * r["metrics"][m]["stdev"]:.2f}' if r['metrics'][m]['stdev']
-               is not None else '') for m in names)
-        of_float = ' / '.join(f'{100 * r["metrics"][m]["of_float"]:.1f} %'
-                              if r['metrics'][m]['of_float'] else 'n/a' for m in names)
-        options = ' '.join(f'{k}={v}' for k, v in r['cfg_options'].items()) or '-'
-        lines.append(f'| {r["task"]} | {r["row"]} | {r["bits"]} | '
-                     f'{r["num_images"] if r["num_images"] is not None else "-"} | {options} | '
-                     f'{", ".join(map(str, r["seeds"]))} | {per_seed} | {mean} | {of_float} |')
-    return '\n'.join(lines) + '\n'
+        stats = [r['metrics'][m] for m in r['metrics']]
+        table.append(dict(
+            task=r['task'], row=r['row'], bits=r['bits'], images=r['num_images'],
+            options=' '.join(f'{k}={v}' for k, v in r['cfg_options'].items()) or '-',
+            seeds=', '.join(map(str, r['seeds'])),
+            per_seed='; '.join(' / '.join(f'{100 * st["values"][i]:.1f}' for st in stats)
+                               for i in range(len(r['seeds']))),
+            mean=' / '.join(f'{100 * st["mean"]:.2f}' + (
+                f' +- {100 * st["stdev"]:.2f}' if st['stdev'] is not None else '')
+                for st in stats),
+            of_float=' / '.join(f'{100 * st["of_float"]:.1f} %' if st['of_float'] else 'n/a'
+                                for st in stats)))
+    columns = [Column('task', 'task', align='<'), Column('row', 'row', align='<'),
+               Column('bits', 'bits', align='<'), Column('images', 'images'),
+               Column('options', 'cfg-options', align='<'), Column('seeds', 'seeds', align='<'),
+               Column('per_seed', 'per seed', align='<'),
+               Column('mean', 'mean (+- sd)', align='<'), Column('of_float', 'of float')]
+    return '\n'.join([
+        '# Seed-to-seed spread of accuracy cells', '',
+        f'Card **{data["card"]}**; val images: '
+        + ', '.join(f'{t} {n}' for t, n in sorted(data['num_val'].items()))
+        + '. Values in % (bbox / segm mAP for det, mIoU for seg). Mean +- sample standard '
+          'deviation over the seeds; "of float" = mean / float teacher.', '',
+        markdown_table(table, columns)])
 
 
 def main(argv=None):
@@ -150,11 +150,11 @@ def main(argv=None):
     rows = summarise(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f'accuracy_seeds_{card_name(data["card"])}'
+    stem = out / f'accuracy_seeds_{card_slug(data["card"])}'
     record = dict(card=data['card'], num_val=data['num_val'], floats=data['floats'], rows=rows,
                   updated=datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec='seconds'))
-    stem.with_suffix('.json').write_text(json.dumps(record, indent=2) + '\n')
+    write_json(stem.with_suffix('.json'), record)
     md = to_markdown(rows, data)
     stem.with_suffix('.md').write_text(md)
     print(md)
@@ -163,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(0 if main() else 1)
+    main()
