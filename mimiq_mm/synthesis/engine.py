@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import os
 import time
@@ -89,15 +88,15 @@ def check_synthetic_set(out_dir, settings: SynthesisConfig) -> None:
     written with other image-changing settings than ``settings`` (a finished set is reused
     as it is, so a changed config must not meet the images of the old one). No manifest:
     nothing to check."""
-    folder = Path(out_dir)
+    folder = DatasetFolder(out_dir)
     try:
-        existing = json.loads((folder / 'manifest.json').read_text())
-    except (OSError, ValueError):
+        existing = folder.read_manifest()
+    except (OSError, ValueError):  # unreadable: left to the reader of the set
         return
     if not isinstance(existing, dict):
         return
     wanted = {key: existing.get(key) for key in ('mean', 'std', 'channel_order')}
-    _check_compatible(existing, dict(wanted, config=settings.to_dict()), folder)
+    _check_compatible(existing, dict(wanted, config=settings.to_dict()), folder.root)
 
 
 def _make_progress(total: int, enabled: bool, desc: str):
