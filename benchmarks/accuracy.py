@@ -197,12 +197,17 @@ class Benchmark:
         return sha
 
     # -- one cell
+    def cell_options(self, bits: str):
+        """The demo's run sizes of one cell (``bits``: 'float' or e.g. 'W4A4')."""
+        wbits, abits = (32, 32) if bits == 'float' else parse_bits(bits)
+        # the sizes of the settings; the seed (recorded there when not 0) comes from --seed
+        sizes = {k: v for k, v in self.settings.items() if k in FULL}
+        return demo.Options(wbits=min(wbits, 8), abits=min(abits, 8), seed=self.args.seed,
+                            device=self.args.device, **sizes)
+
     def run_cell(self, task: str, row: str, bits: str) -> dict:
         spec = demo.TASKS[task]
-        wbits, abits = (32, 32) if bits == 'float' else parse_bits(bits)
-        sizes = {k: v for k, v in self.settings.items() if k != 'cfg_options'}
-        opts = demo.Options(wbits=min(wbits, 8), abits=min(abits, 8), seed=self.args.seed,
-                            device=self.args.device, **sizes)
+        opts = self.cell_options(bits)
         recipe = None if row == 'float' else demo.RECIPES[row]
         data_root = self._data(need_train=recipe is not None and recipe.synthesis == 'real')
         ann_file, _ = (demo.coco_val_subset(data_root, opts.num_val, self.work_dir / task)

@@ -81,6 +81,14 @@ def test_seed_is_part_of_the_settings(accuracy, tmp_path):
     args = accuracy.parse_args(base + ['--seed', '1', '--merge', str(seed0)])
     with pytest.raises(SystemExit, match='other settings'):
         accuracy.Benchmark(args).merge(args.merge)
+    # ... and its cells run with that seed (the recorded seed is no second 'seed' argument)
+    args = accuracy.parse_args(['--small', '--seed', '1', '--num-images', '3', '--out',
+                                str(tmp_path / 's1'), '--work-dir', str(tmp_path / 'w')])
+    bench = accuracy.Benchmark(args)
+    assert bench.settings['seed'] == 1
+    opts = bench.cell_options('W6A6')
+    assert (opts.seed, opts.num_images, opts.wbits, opts.abits) == (1, 3, 6, 6)
+    assert bench.cell_options('float').wbits == 8
     # seed 0 keeps the settings of files written before the seed was recorded
     args = accuracy.parse_args(base + ['--merge', str(seed0)])
     merged = accuracy.Benchmark(args).merge(args.merge)
