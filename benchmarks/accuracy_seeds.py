@@ -5,8 +5,11 @@ A single accuracy cell on the demo detector moves by a few tenths of an AP from 
 the next (synthetic images, calibration order, fine-tuning order), which is as large as the
 differences the tables are read for. This tool groups the cells of several results files
 (typically one ``accuracy.py --seed N --out DIR`` run per seed) by task, row, bit width,
-number of images (synthetic, or real for the real-data rows) and ``--cfg-options``, and reports every seed's value, the mean and
-the spread, plus the mean as a share of the float teacher's.
+number of images (synthetic, or real for the real-data rows), ``--cfg-options`` and every
+other setting of the run except the seed and the synthesis batch (e.g. synthesis iterations,
+fine-tuning length, lr), and reports every seed's value, the mean and the spread, plus the
+mean as a share of the float teacher's. Settings that differ between the groups shown are
+listed in the table.
 
     python benchmarks/accuracy_seeds.py --out benchmarks/results/accuracy/det_seeds \\
         --float benchmarks/results/accuracy/det/accuracy_nvidia-h200.json \\
@@ -31,6 +34,8 @@ from mimiq_mm.utils.report import (Column, card_slug, markdown_table, percent_of
 
 #: settings that do not define an experiment group (they vary between seeds of one group)
 SEED_LEVEL = ('seed', 'synth_batch')
+#: settings shown in their own columns or checked on their own (not in the 'settings' column)
+_OWN_COLUMN = ('num_val', 'num_images', 'cfg_options')
 
 
 def load(path: Path) -> dict:
@@ -44,9 +49,11 @@ def load(path: Path) -> dict:
 def group_key(cell: dict, settings: dict) -> tuple:
     options = settings.get('cfg_options') or {}
     uses_images = cell['row'] != 'float'
+    rest = {k: v for k, v in settings.items()
+            if k not in SEED_LEVEL + _OWN_COLUMN} if uses_images else {}
     return (cell['task'], cell['row'], cell['bits'],
             settings.get('num_images') if uses_images else None,
-            json.dumps(options, sort_keys=True))
+            json.dumps(options, sort_keys=True), json.dumps(rest, sort_keys=True))
 
 
 def collect(paths, float_path=None, rows=None, bits=None) -> dict:
@@ -88,7 +95,7 @@ def collect(paths, float_path=None, rows=None, bits=None) -> dict:
 def summarise(data: dict) -> list:
     rows = []
     for key, runs in sorted(data['groups'].items(), key=lambda kv: tuple(map(str, kv[0]))):
-        task, row, bits, images, options = key
+        task, row, bits, images, options, rest = key
         seeds = sorted(runs)
         metrics = list(runs[seeds[0]]['metrics'])
         stats = {}
@@ -100,19 +107,30 @@ def summarise(data: dict) -> list:
                             stdev=statistics.stdev(values) if len(values) > 1 else None,
                             of_float=None if share is None else share / 100)
         rows.append(dict(task=task, row=row, bits=bits, num_images=images,
-                         cfg_options=json.loads(options), seeds=seeds, metrics=stats,
+                         cfg_options=json.loads(options), settings=json.loads(rest),
+                         seeds=seeds, metrics=stats,
                          files={str(s): runs[s]['file'] for s in seeds},
                          seed_settings={str(s): runs[s]['settings'] for s in seeds}))
     return rows
 
 
+def differing_settings(rows) -> list:
+    """Names of the settings whose value is not the same in every row that has them."""
+    names = sorted({k for r in rows for k in r['settings']})
+    return [k for k in names
+            if len({json.dumps(r['settings'].get(k)) for r in rows if r['settings']}) > 1]
+
+
 def to_markdown(rows, data) -> str:
     table = []
+    shown = differing_settings(rows)
     for r in rows:
         stats = [r['metrics'][m] for m in r['metrics']]
         table.append(dict(
             task=r['task'], row=r['row'], bits=r['bits'], images=r['num_images'],
             options=' '.join(f'{k}={v}' for k, v in r['cfg_options'].items()) or '-',
+            settings=' '.join(f'{k}={r["settings"][k]}' for k in shown
+                              if k in r['settings']) or '-',
             seeds=', '.join(map(str, r['seeds'])),
             per_seed='; '.join(' / '.join(f'{100 * st["values"][i]:.1f}' for st in stats)
                                for i in range(len(r['seeds']))),
@@ -123,7 +141,10 @@ def to_markdown(rows, data) -> str:
                                 for st in stats)))
     columns = [Column('task', 'task', align='<'), Column('row', 'row', align='<'),
                Column('bits', 'bits', align='<'), Column('images', 'images'),
-               Column('options', 'cfg-options', align='<'), Column('seeds', 'seeds', align='<'),
+               Column('options', 'cfg-options', align='<')]
+    if shown:
+        columns.append(Column('settings', 'settings', align='<'))
+    columns += [Column('seeds', 'seeds', align='<'),
                Column('per_seed', 'per seed', align='<'),
                Column('mean', 'mean (+- sd)', align='<'), Column('of_float', 'of float')]
     return '\n'.join([
