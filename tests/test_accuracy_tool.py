@@ -212,6 +212,19 @@ def test_accuracy_seeds_groups_runs_and_refuses_mixed_inputs(accuracy, tmp_path)
     assert bbox['of_float'] == pytest.approx(0.140 / 0.155)
     md = (out / 'accuracy_seeds_nvidia-h200.md').read_text()
     assert '14.0 / 13.3; 14.3 / 13.0; 13.7 / 13.0' in md and '14.00 +- 0.30' in md
+    assert '| settings |' not in md  # nothing differs between the groups
+    # a run with other synthesis iterations is another group, not a duplicate seed 0
+    longer = _results_file(accuracy, tmp_path / 'it1000/r.json',
+                           {'det/mimiq/W4A4': _cell('mimiq', 'W4A4', 0.142, 0.136)})
+    state = json.loads(longer.read_text())
+    state['settings']['synth_iters'] = 1000
+    longer.write_text(json.dumps(state))
+    record = seeds.main([str(main), *runs, str(longer), '--rows', 'mimiq', '--bits', 'W4A4',
+                         '--out', str(out)])
+    assert [(r['settings']['synth_iters'], r['seeds']) for r in record['rows']] == \
+        [(1000, [0]), (200, [0, 1, 2])]
+    md = (out / 'accuracy_seeds_nvidia-h200.md').read_text()
+    assert '| synth_iters=1000 |' in md and '| synth_iters=200 |' in md
     # the same seed twice, or another card, is refused
     with pytest.raises(SystemExit, match='seed 1'):
         seeds.main([runs[0], runs[0], '--out', str(out)])
