@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import re
 import sys
 import time
 from pathlib import Path
@@ -70,10 +69,11 @@ demo = _load_demo()
 
 
 def parse_bits(text: str) -> Tuple[int, int]:
-    match = re.fullmatch(r'[Ww](\d)[Aa](\d)', text)
-    if not match:
-        raise argparse.ArgumentTypeError(f'bits must look like W4A4, got {text!r}')
-    return int(match.group(1)), int(match.group(2))
+    from mimiq_mm.quant import parse_bit_widths
+    try:
+        return parse_bit_widths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def card_name(info: dict) -> str:

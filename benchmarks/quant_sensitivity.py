@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
+from mimiq_mm.quant import parse_bit_widths  # noqa: E402
+
 # name -> (description, quant_cfg changes: {field: {subfield: value}} or {field: value})
 A8 = dict(act=dict(bits=8), attn_prob=dict(bits=8))
 VARIANTS = {
@@ -90,13 +92,22 @@ def _machine_line(device) -> str:
             f"torch {m.get('torch', '?')}")
 
 
+def _bits_arg(text: str) -> str:
+    try:
+        parse_bit_widths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def main(argv=None):
     import demo
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--task', choices=sorted(demo.TASKS), default='det')
     p.add_argument('--variants', nargs='+', choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument('--calib', choices=('mimiq', 'gaussian', 'real'), default='mimiq')
-    p.add_argument('--bits', default='W4A4')
+    p.add_argument('--bits', default='W4A4', type=_bits_arg,
+                   help='weight/activation bits of the base recipe, e.g. W4A4')
     p.add_argument('--num-val', type=int, default=100)
     p.add_argument('--num-images', type=int, default=32)
     p.add_argument('--synth-iters', type=int, default=60)
@@ -110,7 +121,8 @@ def main(argv=None):
 
     from mimiq_mm.utils.report import write_json
     spec = demo.TASKS[args.task]
-    wbits, abits = (int(x) for x in args.bits.upper().lstrip('W').split('A'))
+    args.bits = args.bits.upper()
+    wbits, abits = parse_bit_widths(args.bits)
     opts = demo.Options(num_val=args.num_val, num_images=args.num_images,
                         synth_iters=args.synth_iters, synth_batch=args.synth_batch,
                         ft_iters=0, ft_batch=args.calib_batch, eval_batch=4, wbits=wbits,

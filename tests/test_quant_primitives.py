@@ -215,3 +215,15 @@ def test_log2_quantizer_gradient_flows_through_ste():
     out.sum().backward()
     # d out / d x = out / x for the log-domain straight-through estimator
     torch.testing.assert_close(x.grad, (out / x).detach())
+
+
+def test_parse_bit_widths():
+    from mimiq_mm.quant import parse_bit_widths
+    assert parse_bit_widths('W4A4') == (4, 4)
+    assert parse_bit_widths('w2a4') == (2, 4)
+    assert parse_bit_widths(' W6A6 ') == (6, 6)
+    for bad, words in (('W4', 'look like W4A4'), ('4/4', 'look like W4A4'),
+                       ('W1A4', 'weight bits 1'), ('W4A9', 'activation bits 9'),
+                       ('W16A16', 'weight bits 16')):
+        with pytest.raises(ValueError, match=words):
+            parse_bit_widths(bad)

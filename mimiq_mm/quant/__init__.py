@@ -2,7 +2,7 @@
 from .api import (calibration_mode, count_quant_modules, dequantize_, get_scope,
                   lsq_parameters, quant_modules, quant_state, quantize_, quantizers,
                   set_quant_state)
-from .config import QuantConfig, QuantizerConfig
+from .config import QuantConfig, QuantizerConfig, parse_bit_widths
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .observers import (EMAObserver, MeanAbsObserver, MinMaxObserver, MSEObserver,
                         Observer, PercentileObserver, build_observer)
@@ -11,7 +11,7 @@ from .reparam import (NormLinearPair, find_reparam_pairs, register_reparam_block
                       reparam_layernorm_linear_)
 
 __all__ = [
-    'QuantConfig', 'QuantizerConfig', 'quantize_', 'dequantize_', 'calibration_mode',
+    'QuantConfig', 'QuantizerConfig', 'parse_bit_widths', 'quantize_', 'dequantize_', 'calibration_mode',
     'set_quant_state', 'quant_state', 'quant_modules', 'count_quant_modules', 'quantizers',
     'lsq_parameters', 'get_scope', 'MatMul', 'QuantLinear', 'QuantConv2d', 'QuantMatMul',
     'Quantizer', 'NotCalibratedError', 'Observer', 'MinMaxObserver', 'EMAObserver',

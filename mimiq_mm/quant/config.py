@@ -6,6 +6,7 @@ MIMIQ.md: W4/A4, per-output-channel symmetric min-max weights, per-tensor LSQ ac
 both attention products quantized, LayerNorm/softmax/GELU and the network input float.
 """
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
@@ -25,6 +26,21 @@ MIN_PERCENTILE, MAX_PERCENTILE = 50.0, 100.0
 DEFAULT_EMA_MOMENTUM = 0.1
 DEFAULT_MSE_NORM = 2.0
 DEFAULT_MSE_STEPS = 40
+
+
+def parse_bit_widths(text: str) -> Tuple[int, int]:
+    """``'W4A4'`` (any case) -> ``(4, 4)``: weight and activation bits, each in
+    ``MIN_BITS..MAX_BITS``; anything else is a ``ValueError`` that says what is expected."""
+    match = re.fullmatch(r'[Ww](\d+)[Aa](\d+)', str(text).strip())
+    if not match:
+        raise ValueError(f'bit widths must look like W4A4 (weights, activations), '
+                         f'got {text!r}')
+    wbits, abits = int(match.group(1)), int(match.group(2))
+    for name, bits in (('weight', wbits), ('activation', abits)):
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f'{name} bits {bits} in {text!r} are outside '
+                             f'{MIN_BITS}..{MAX_BITS}')
+    return wbits, abits
 
 
 def _check_choice(name: str, value: Any, valid: Tuple) -> None:
