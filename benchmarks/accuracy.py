@@ -28,13 +28,12 @@ sets are shared between the rows and bit widths that use the same images.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,14 +65,6 @@ def _load_demo():
 
 
 demo = _load_demo()
-
-
-def parse_bits(text: str) -> Tuple[int, int]:
-    from mimiq_mm.quant import parse_bit_widths
-    try:
-        return parse_bit_widths(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def card_name(info: dict) -> str:
@@ -199,7 +190,8 @@ class Benchmark:
     # -- one cell
     def cell_options(self, bits: str):
         """The demo's run sizes of one cell (``bits``: 'float' or e.g. 'W4A4')."""
-        wbits, abits = (32, 32) if bits == 'float' else parse_bits(bits)
+        from mimiq_mm.quant import parse_bit_widths  # bits come from --bits' choices
+        wbits, abits = (32, 32) if bits == 'float' else parse_bit_widths(bits)
         # the sizes of the settings; the seed (recorded there when not 0) comes from --seed
         sizes = {k: v for k, v in self.settings.items() if k in FULL}
         return demo.Options(wbits=min(wbits, 8), abits=min(abits, 8), seed=self.args.seed,

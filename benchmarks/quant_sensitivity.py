@@ -93,11 +93,12 @@ def _machine_line(device) -> str:
 
 
 def _bits_arg(text: str) -> str:
+    """argparse type of --bits: 'w4a4' -> 'W4A4', checked by parse_bit_widths."""
     try:
         parse_bit_widths(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return text.strip().upper()
 
 
 def main(argv=None):
@@ -121,7 +122,6 @@ def main(argv=None):
 
     from mimiq_mm.utils.report import write_json
     spec = demo.TASKS[args.task]
-    args.bits = args.bits.upper()
     wbits, abits = parse_bit_widths(args.bits)
     opts = demo.Options(num_val=args.num_val, num_images=args.num_images,
                         synth_iters=args.synth_iters, synth_batch=args.synth_batch,

@@ -11,8 +11,9 @@ from .reparam import (NormLinearPair, find_reparam_pairs, register_reparam_block
                       reparam_layernorm_linear_)
 
 __all__ = [
-    'QuantConfig', 'QuantizerConfig', 'parse_bit_widths', 'quantize_', 'dequantize_', 'calibration_mode',
-    'set_quant_state', 'quant_state', 'quant_modules', 'count_quant_modules', 'quantizers',
+    'QuantConfig', 'QuantizerConfig', 'parse_bit_widths', 'quantize_', 'dequantize_',
+    'calibration_mode', 'set_quant_state', 'quant_state', 'quant_modules',
+    'count_quant_modules', 'quantizers',
     'lsq_parameters', 'get_scope', 'MatMul', 'QuantLinear', 'QuantConv2d', 'QuantMatMul',
     'Quantizer', 'NotCalibratedError', 'Observer', 'MinMaxObserver', 'EMAObserver',
     'PercentileObserver', 'MSEObserver', 'MeanAbsObserver', 'build_observer',
