@@ -8,23 +8,15 @@ HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'",
                     (HERE / 'mimiq_mm' / 'version.py').read_text()).group(1)
 
-# Pinned: mmdet 3.3.0 / mmseg 1.2.2 need mmcv >=2.0.0rc4,<2.2.0 with compiled ops; mmcv is
-# built from its sdist by tools/setup_env.sh (no wheel exists for current torch).
-INSTALL_REQUIRES = [
-    'mmengine==0.10.7',
-    'mmcv==2.1.0',
-    'mmdet==3.3.0',
-    'mmsegmentation==1.2.2',
-    'timm>=1.0,<2',
-    'pycocotools>=2.0.9',
-    'ftfy',
-    'regex',
-    'setuptools>=64,<81',  # mmengine and mmcv import pkg_resources (gone in 81)
-    'numpy',
-    'matplotlib',
-    'Pillow',
-    'tqdm',
-]
+
+def _requirements(name):
+    """Requirement lines of requirements/<name>.txt (comments and blanks dropped)."""
+    lines = (HERE / 'requirements' / f'{name}.txt').read_text().splitlines()
+    return [ln.split('#')[0].strip() for ln in lines if ln.split('#')[0].strip()]
+
+
+# Pinned in requirements/runtime.txt; mmcv is built from its sdist by tools/setup_env.sh.
+INSTALL_REQUIRES = _requirements('runtime')
 
 setup(
     name='mimiq_mm',
@@ -36,6 +28,6 @@ setup(
     packages=find_packages(include=['mimiq_mm', 'mimiq_mm.*']),
     python_requires='>=3.10,<3.13',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'tests': ['pytest>=7', 'pytest-xdist>=3']},
+    extras_require={'tests': _requirements('tests')},
     include_package_data=True,
 )
