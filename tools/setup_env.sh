@@ -12,6 +12,7 @@
 #    environment through a .pth file and holds this checkout's editable mimiq_mm.
 # A second run with nothing changed only re-checks imports (a few seconds). A fresh clone on
 # a machine that already has the dependency environment is set up in seconds and ~0 disk.
+# MIMIQ_NO_DEPS_BUILD=1: fail instead of building a missing dependency environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,6 +85,8 @@ print(f'torch{v}-cp{sys.version_info[0]}{sys.version_info[1]}-{cu}')")
 }
 
 build_deps() {
+  [ "${MIMIQ_NO_DEPS_BUILD:-0}" = 1 ] && die "the dependency environment $DEPS does not exist
+        and MIMIQ_NO_DEPS_BUILD=1 forbids building it (about 6 GB; ~15 min without a cached mmcv wheel)"
   log "building the shared dependency environment $DEPS"
   need_disk "$ENVS" 8 "the dependency environment (torch with its CUDA libraries, mmcv, mmdet, ...)"
   rm -rf "$DEPS"
@@ -99,6 +102,7 @@ build_deps() {
   "$DPY" -m pip install -q --no-deps --force-reinstall "$whl"
   log "installing the pinned requirements"
   "$DPY" -m pip install -q -r requirements/runtime.txt -r requirements/tests.txt
+  printf 'PYTHON=%s\nTORCH_SPEC=%s\n' "$BASE_PY" "$TORCH_SPEC" > "$DEPS/.spec"
   echo "$key" > "$DEPS/.complete"
 }
 
