@@ -118,7 +118,7 @@ touch "$DEPS/.complete"          # its mtime marks "last used" for the pruning b
 DEPS_SITE=$("$DPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 # Keep the $KEEP_ENVS most recently used dependency environments (6 GB each).
-ls -1dt "$ENVS"/deps-*/.complete 2>/dev/null | tail -n +$((KEEP_ENVS + 1)) | while read -r old; do
+{ ls -1dt "$ENVS"/deps-*/.complete 2>/dev/null || true; } | tail -n +$((KEEP_ENVS + 1)) | while read -r old; do
   old=${old%/.complete}
   [ "$old" = "$DEPS" ] || { log "removing unused dependency environment $old"; rm -rf "$old" "$old.lock"; }
 done
