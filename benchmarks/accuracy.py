@@ -86,6 +86,29 @@ def cells_wanted(tasks, rows, bits) -> List[Tuple[str, str, str]]:
     return out
 
 
+def settings_used(row: str, settings: dict) -> dict:
+    """The part of a run's settings (``Benchmark.settings``) that a row's cells depend on.
+
+    The synthesis iterations and ``synthesis.*`` options count only for rows that synthesise
+    images by optimisation (not Gaussian noise, not real images); the fine-tuning length,
+    batch and lr only for rows that fine-tune. A real-data PTQ cell is the same experiment
+    whatever ``--synth-iters`` its run was given."""
+    if row == 'float':
+        return {k: settings[k] for k in ('num_val', 'eval_batch') if k in settings}
+    recipe = demo.RECIPES[row]
+    optimised = recipe.synthesis not in ('gaussian', 'real')
+    unused = (() if optimised else ('synth_iters',)) + \
+        (() if recipe.finetune else ('ft_iters', 'ft_batch', 'lr'))
+    used = {k: v for k, v in settings.items() if k not in unused}
+    if not optimised and used.get('cfg_options'):
+        options = {k: v for k, v in used['cfg_options'].items()
+                   if not k.startswith('synthesis.')}
+        used['cfg_options'] = options
+        if not options:
+            del used['cfg_options']
+    return used
+
+
 def cell_key(task: str, row: str, bits: str) -> str:
     return f'{task}/{row}/{bits}'
 

@@ -6,8 +6,8 @@ the next (synthetic images, calibration order, fine-tuning order), which is as l
 differences the tables are read for. This tool groups the cells of several results files
 (typically one ``accuracy.py --seed N --out DIR`` run per seed) by task, row, bit width,
 number of images (synthetic, or real for the real-data rows), ``--cfg-options`` and every
-other setting of the run except the seed and the synthesis batch (e.g. synthesis iterations,
-fine-tuning length, lr), and reports every seed's value, the mean and the spread, plus the
+other setting of the run that the row depends on (``accuracy.settings_used``: e.g. synthesis
+iterations, fine-tuning length, lr), except the seed and the synthesis batch, and reports every seed's value, the mean and the spread, plus the
 mean as a share of the float teacher's. Settings that differ between the groups shown are
 listed in the table.
 
@@ -32,6 +32,9 @@ if str(ROOT) not in sys.path:
 from mimiq_mm.utils.report import (Column, card_slug, markdown_table, percent_of,  # noqa: E402
                                    read_json, write_json)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import settings_used  # noqa: E402  (benchmarks/accuracy.py: what a row uses)
+
 #: settings that do not define an experiment group (they vary between seeds of one group)
 SEED_LEVEL = ('seed', 'synth_batch')
 #: settings shown in their own columns or checked on their own (not in the 'settings' column)
@@ -47,6 +50,7 @@ def load(path: Path) -> dict:
 
 
 def group_key(cell: dict, settings: dict) -> tuple:
+    settings = settings_used(cell['row'], settings)
     options = settings.get('cfg_options') or {}
     uses_images = cell['row'] != 'float'
     rest = {k: v for k, v in settings.items()
@@ -115,10 +119,11 @@ def summarise(data: dict) -> list:
 
 
 def differing_settings(rows) -> list:
-    """Names of the settings whose value is not the same in every row that has them."""
+    """Names of the settings whose value is not the same in every row that has them (a row
+    that does not depend on a setting, e.g. PTQ on the fine-tuning lr, does not have it)."""
     names = sorted({k for r in rows for k in r['settings']})
     return [k for k in names
-            if len({json.dumps(r['settings'].get(k)) for r in rows if r['settings']}) > 1]
+            if len({json.dumps(r['settings'][k]) for r in rows if k in r['settings']}) > 1]
 
 
 def to_markdown(rows, data) -> str:

@@ -235,6 +235,43 @@ def test_accuracy_seeds_groups_runs_and_refuses_mixed_inputs(accuracy, tmp_path)
         seeds.main([str(main), str(other), '--out', str(out)])
 
 
+def test_settings_used_keeps_only_what_a_row_depends_on(accuracy):
+    settings = dict(accuracy.FULL, seed=3, cfg_options={'synthesis.bf16': True,
+                                                        'quant_cfg.act.lsq': False})
+    mimiq = accuracy.settings_used('mimiq', settings)
+    assert mimiq == settings  # synthesises by optimisation and fine-tunes: everything counts
+    ptq = accuracy.settings_used('ptq_mimiq', settings)
+    assert 'synth_iters' in ptq and not {'ft_iters', 'ft_batch', 'lr'} & set(ptq)
+    real = accuracy.settings_used('ptq_real', settings)
+    assert not {'synth_iters', 'ft_iters', 'ft_batch', 'lr'} & set(real)
+    assert real['cfg_options'] == {'quant_cfg.act.lsq': False}
+    assert real['num_images'] == settings['num_images'] and real['seed'] == 3
+    ft_real = accuracy.settings_used('ft_real', dict(settings, cfg_options={'synthesis.bf16': 1}))
+    assert 'synth_iters' not in ft_real and 'cfg_options' not in ft_real
+    assert ft_real['ft_iters'] == settings['ft_iters']
+    assert accuracy.settings_used('float', settings) == dict(num_val=settings['num_val'],
+                                                             eval_batch=settings['eval_batch'])
+    assert settings['cfg_options'] == {'synthesis.bf16': True, 'quant_cfg.act.lsq': False}
+
+
+def test_accuracy_seeds_ignores_settings_a_row_does_not_use(accuracy, tmp_path):
+    seeds = _load('mimiq_accuracy_seeds_used', 'benchmarks/accuracy_seeds.py')
+    paths = []
+    for seed, iters, bbox in ((0, 200, 0.142), (1, 1000, 0.144)):
+        path = _results_file(accuracy, tmp_path / f's{seed}/r.json',
+                             {'det/ptq_real/W4A4': _cell('ptq_real', 'W4A4', bbox, 0.131),
+                              'det/mimiq/W4A4': _cell('mimiq', 'W4A4', bbox, 0.131)})
+        state = json.loads(path.read_text())
+        state['settings'].update(seed=seed, synth_iters=iters)
+        path.write_text(json.dumps(state))
+        paths.append(str(path))
+    record = seeds.main([*paths, '--out', str(tmp_path / 'out')])
+    groups = {(r['row'], r['settings'].get('synth_iters')): r['seeds'] for r in record['rows']}
+    # real-data PTQ never used the synthesis iterations: one group of two seeds; full MimiQ
+    # with 200 and with 1000 iterations are two experiments
+    assert groups == {('ptq_real', None): [0, 1], ('mimiq', 200): [0], ('mimiq', 1000): [1]}
+
+
 def test_real_rows_with_more_images_than_train_images_fail_before_running(accuracy, capsys):
     with pytest.raises(SystemExit):
         accuracy.parse_args(['--tasks', 'det', '--rows', 'mimiq', 'ptq_real',
