@@ -27,12 +27,13 @@ def test_pack_unpack_int4_roundtrip(numel):
         pack_int4(torch.tensor([16], dtype=torch.uint8))
 
 
-def _distiller(tmp_path, quant_cfg):
+def _distiller(tmp_path, quant_cfg, task='seg'):
     from mimiq_mm.models import MimiQDistiller
-    from mimiq_mm.testing import build_model_from_cfg, tiny_upernet_swin_cfg
-    cfg = tiny_upernet_swin_cfg()
+    from mimiq_mm.testing import (build_model_from_cfg, tiny_maskrcnn_swin_cfg,
+                                  tiny_upernet_swin_cfg)
+    cfg = tiny_upernet_swin_cfg() if task == 'seg' else tiny_maskrcnn_swin_cfg()
     torch.manual_seed(0)
-    teacher = build_model_from_cfg(cfg.model, 'mmseg')
+    teacher = build_model_from_cfg(cfg.model, 'mmseg' if task == 'seg' else 'mmdet')
     torch.save({'state_dict': teacher.state_dict()}, str(tmp_path / 't.pth'))
     model = MimiQDistiller(teacher=copy.deepcopy(cfg.model),
                            teacher_checkpoint=str(tmp_path / 't.pth'), quant_cfg=quant_cfg)
@@ -93,6 +94,37 @@ def test_export_roundtrip_identical_outputs(tmp_path, bits):
     # smaller than the float weights
     if w_bits <= 4:
         assert path.stat().st_size < serialized_size(float_state_dict(model.student)) / 2
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_rebuilt_export_predicts_like_the_student(tmp_path, task):
+    """The model rebuilt from the file's plain-dict config is a working detector / segmentor
+    (mmdet reads ``train_cfg.rpn``, mmseg ``test_cfg.mode`` as attributes)."""
+    from mmdet.structures import DetDataSample
+    quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4))
+    cfg, model = _distiller(tmp_path, quant_cfg, task)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+    _calibrate(model, x)
+    model.eval()
+    path = tmp_path / 'q.pth'
+    export_quantized(model.student, str(path), teacher_cfg=cfg.model.to_dict(),
+                     quant_cfg=quant_cfg, scope='mmdet' if task == 'det' else 'mmseg')
+    rebuilt = build_quantized_model(str(path))
+    meta = dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
+                batch_input_shape=(64, 64), scale_factor=(1.0, 1.0))
+    with torch.no_grad():
+        if task == 'det':
+            ref, out = (m.predict(x, [DetDataSample(metainfo=meta)], rescale=False)[0]
+                        for m in (model.student, rebuilt))
+            assert len(ref.pred_instances) > 0  # 70 boxes from this random teacher
+            assert torch.equal(ref.pred_instances.bboxes, out.pred_instances.bboxes)
+            assert torch.equal(ref.pred_instances.scores, out.pred_instances.scores)
+            assert torch.equal(ref.pred_instances.masks, out.pred_instances.masks)
+        else:
+            ref, out = (m.predict(x)[0] for m in (model.student, rebuilt))
+            assert ref.seg_logits.data.shape == (4, 64, 64)
+            assert torch.equal(ref.seg_logits.data, out.seg_logits.data)
+            assert torch.equal(ref.pred_sem_seg.data, out.pred_sem_seg.data)
 
 
 def test_tools_export_on_a_mimiq_checkpoint(tmp_path, capsys):

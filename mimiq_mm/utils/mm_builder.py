@@ -9,6 +9,7 @@ import copy
 import importlib
 from typing import Optional
 
+from mmengine.config import ConfigDict
 from mmengine.registry import DefaultScope
 from torch import nn
 
@@ -54,7 +55,9 @@ def build_task_model(cfg: dict, scope: Optional[str] = None) -> nn.Module:
     config, the current default scope (``default_scope`` of the run), then ``mmdet`` and
     ``mmseg`` tried in turn.
     """
-    cfg = copy.deepcopy(dict(cfg))
+    # ConfigDict: mmdet / mmseg read nested settings as attributes (``train_cfg.rpn``,
+    # ``test_cfg.mode``), which plain dicts (a config saved with an export) do not have.
+    cfg = ConfigDict(copy.deepcopy(dict(cfg)))
     candidates = [scope, cfg.pop('_scope_', None), _scope_of(cfg.get('type'))]
     current = DefaultScope.get_current_instance()
     if current is not None:
