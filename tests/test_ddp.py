@@ -42,6 +42,15 @@ def _cfg(tmp_path):
     # 4 batches of 1: each rank synthesizes 2 of them
     cfg = tiny_mimiq_cfg(teacher, t_ckpt, tmp_path / 'synthetic', max_iters=MAX_ITERS,
                          num_images=4, batch_size=1, extra_imports=['ddp_cpu_shim'])
+    # Training keeps the RandomFlip of tiny_mimiq_cfg (the resume below must continue its
+    # random stream); calibration observes the images unflipped, so that the merged
+    # statistics can be checked against one process observing every image.
+    calib = copy.deepcopy(cfg.train_dataloader)
+    calib.dataset.pipeline = [t for t in calib.dataset.pipeline if t['type'] != 'RandomFlip']
+    assert len(calib.dataset.pipeline) < len(cfg.train_dataloader.dataset.pipeline)
+    for hook in cfg.custom_hooks:
+        if hook['type'] == 'mimiq_mm.MimiQCalibrationHook':
+            hook['dataloader'] = calib
     meta = dict(classes=COCO_CLASSES)
     cfg.val_dataloader = dict(
         batch_size=1, num_workers=0, persistent_workers=False, drop_last=False,
@@ -97,8 +106,9 @@ def _single_process_calibration(cfg_file, synth):
     cfg = apply_mimiq_fields(Config.fromfile(cfg_file, import_custom_modules=False))
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg.model)
-        dataset = SyntheticImageDataset(data_root=str(synth),
-                                        pipeline=cfg.train_dataloader.dataset.pipeline)
+        calib = next(h for h in cfg.custom_hooks
+                     if h['type'] == 'mimiq_mm.MimiQCalibrationHook')['dataloader']
+        dataset = SyntheticImageDataset(data_root=str(synth), pipeline=calib.dataset.pipeline)
         loader = DataLoader(dataset, batch_size=1, collate_fn=pseudo_collate)
         MimiQCalibrationHook.calibrate(model, loader, len(dataset))
     return {k: v.detach().clone() for k, v in model.student.state_dict().items()}

@@ -13,6 +13,7 @@ from mimiq_mm.attention import AttentionRecorder, adapt_attention_
 from mimiq_mm.losses.attention_similarity import inter_head_similarity_loss
 from mimiq_mm.synthesis import (BatchContext, NonFiniteSynthesisError, SynthesisConfig,
                                 as_teacher, batch_seed, build_method, check_image,
+                                corrupt_batches,
                                 patch_similarity_entropy, psaq_loss, synthesize)
 from mimiq_mm.testing import build_tiny_model, tiny_timm_swin, tiny_timm_vit
 
@@ -156,6 +157,18 @@ def test_corrupt_image_is_reported_and_regenerated(tmp_path, vit, caplog):
     np.testing.assert_array_equal(_pixels(out)['000003.png'], reference['000003.png'])
     record = json.loads((out / 'batches' / 'batch_00001.json').read_text())
     assert record['regenerated_because'][0]['file'] == '000003.png'
+
+
+def test_corrupt_batches_reports_without_touching_the_set(tmp_path, vit):
+    out = synthesize(vit, tmp_path / 'cb', FAST)
+    assert corrupt_batches(out, FAST) == {}
+    (out / 'images' / '000003.png').write_bytes(b'not a png')
+    (out / 'images' / '000000.png').unlink()
+    bad = corrupt_batches(out, FAST)
+    assert sorted(bad) == [0, 1]
+    assert bad[0] == [('000000.png', 'missing')] and 'unreadable' in bad[1][0][1]
+    assert len(list((out / 'batches').glob('batch_*.json'))) == 3  # nothing invalidated
+    assert corrupt_batches(out, dict(FAST, check_images_on_resume=False)) == {}
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, vit):

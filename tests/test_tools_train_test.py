@@ -119,6 +119,16 @@ def test_detection_train_resume_test(demo_root, tmp_path):
     first = _student_state(osp.join(work, 'iter_1.pth'))
     assert any(not torch.equal(first[k], straight[k]) for k in steps)
 
+    # 3b. a truncated image in the finished set is regenerated before training, not
+    # handed to the data pipeline (whose loader would fail on it)
+    image = synth / 'images' / '000001.png'
+    original = image.read_bytes()
+    image.write_bytes(original[:40])
+    train.main([m_file, '--work-dir', str(tmp_path / 'repaired'), '--cfg-options',
+                'train_cfg.max_iters=1'])
+    assert image.read_bytes() == original
+    assert (tmp_path / 'repaired' / 'iter_1.pth').is_file()
+
     # 4. evaluation of the student with CocoMetric (bbox + segm), teacher side by side
     metrics = test.main([m_file, str(tmp_path / 'straight' / 'iter_2.pth'), '--work-dir',
                          str(tmp_path / 'eval'), '--eval-teacher'])

@@ -1,7 +1,8 @@
 """Hooks of the MimiQ fine-tuning run (stage 5).
 
-* :class:`MimiQSynthesisHook` — generates the synthetic training set when it is missing or
-  unfinished, before the train dataloader is built (hook point
+* :class:`MimiQSynthesisHook` — generates the synthetic training set when it is missing,
+  unfinished or has missing / corrupt images (only those batches are made again), before
+  the train dataloader is built (hook point
   ``before_build_train_dataloader``, called by :class:`MimiQIterBasedTrainLoop`).
 * :class:`MimiQCalibrationHook` — calibrates the student's quantizers on N synthetic
   batches before the first train step; skipped when every quantizer is already initialised
@@ -14,14 +15,18 @@ statistics are then merged across ranks (:func:`sync_observers_`) so that the ra
 from all of them, and rank 0's student state is broadcast so every rank starts fine-tuning
 from bit-identical quantizers.
 """
+import contextlib
 import copy
 import glob
 import json
+import logging
 import os
 import os.path as osp
+import random
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from mmengine import dist
 from mmengine.hooks import Hook
@@ -46,6 +51,23 @@ def synthetic_set_complete(data_root: str, num_batches: Optional[int] = None) ->
     expected = num_batches or (meta.get('num_batches') if isinstance(meta, dict) else None)
     done = len(glob.glob(osp.join(data_root, 'batches', 'batch_*.json')))
     return done >= expected if expected else done > 0
+
+
+@contextlib.contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Run a block without touching the global random state of ``random``, numpy and torch
+    (CPU and CUDA) that the training data pipeline draws from (``RandomFlip`` & co. with
+    ``num_workers=0``). Synthesis and calibration run in a straight run but not in a
+    resumed one, so whatever they draw would otherwise shift every later random transform
+    and a resumed run would not continue the straight run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _dataset_root(dataloader_cfg) -> Optional[str]:
@@ -99,12 +121,21 @@ class MimiQSynthesisHook(Hook):
             raise ValueError('MimiQSynthesisHook cannot tell where the synthetic set goes: '
                              'set train_dataloader.dataset.data_root or '
                              'MimiQSynthesisHook(data_root=...).')
-        from mimiq_mm.synthesis import SynthesisConfig, check_synthetic_set, synthesize
+        from mimiq_mm.synthesis import (SynthesisConfig, check_synthetic_set,
+                                        corrupt_batches, synthesize)
         settings = SynthesisConfig.from_dict(self._settings(runner))
         if synthetic_set_complete(root, settings.num_batches):
             check_synthetic_set(root, settings)  # a finished set made otherwise: clear error
-            print_log(f'Synthetic set found at {root}; skipping synthesis.', logger='current')
-            return root
+            bad = corrupt_batches(root, settings)
+            if not bad:
+                print_log(f'Synthetic set found at {root}; skipping synthesis.',
+                          logger='current')
+                return root
+            files = ', '.join(f'{name} ({reason})' for b in sorted(bad)
+                              for name, reason in bad[b][:2])
+            print_log(f'Synthetic set at {root}: {len(bad)} finished batch(es) have missing or '
+                      f'corrupt images ({files}); regenerating those batches.',
+                      logger='current', level=logging.WARNING)
         model = unwrap_distiller(runner.model)
         if model is None:
             raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
@@ -113,7 +144,8 @@ class MimiQSynthesisHook(Hook):
                   f'images) ...', logger='current')
         os.makedirs(root, exist_ok=True)
         device = next(model.student.parameters()).device
-        synthesize(model.teacher, root, settings)
+        with preserved_global_rng():
+            synthesize(model.teacher, root, settings)
         model.teacher.to(device)  # synthesis may have moved it
         start = time.time()
         while not synthetic_set_complete(root, settings.num_batches):
@@ -218,7 +250,9 @@ class MimiQCalibrationHook(Hook):
             raise ValueError('MimiQCalibrationHook needs a dataloader config (argument '
                              '`dataloader` or the config\'s train_dataloader)')
         loader = runner.build_dataloader(copy.deepcopy(loader_cfg), seed=runner.seed)
-        self.calibrate(model, loader, self.num_batches)
+        # Its random transforms draw from the global RNG too: restored afterwards.
+        with preserved_global_rng():
+            self.calibrate(model, loader, self.num_batches)
         if dist.get_world_size() > 1:  # bit-identical quantizers on every rank
             state = [{k: v.cpu() for k, v in model.student.state_dict().items()}]
             dist.broadcast_object_list(state, src=0)

@@ -4,7 +4,8 @@
 docs/INTERFACES.md; ``tools/generate.py CONFIG`` is its command line.
 """
 from .config import METHODS, TASK_LOSSES, SynthesisConfig
-from .engine import batch_seed, check_synthetic_set, dist_info, shard_batches, synthesize
+from .engine import (batch_seed, check_synthetic_set, corrupt_batches, dist_info, shard_batches,
+                     synthesize)
 from .methods import (BatchContext, BatchResult, GaussianSynthesis, MimiQSynthesis,
                       NonFiniteSynthesisError, PSAQSynthesis, RealImages, SynthesisMethod,
                       build_method)
@@ -13,6 +14,7 @@ from .teacher import SynthesisTeacher, as_teacher, build_teacher, load_teacher_c
 from .writer import (BATCHES_DIR, IMAGES_DIR, MANIFEST, check_image, read_finished_batches)
 
 __all__ = ['METHODS', 'TASK_LOSSES', 'SynthesisConfig', 'synthesize', 'check_synthetic_set',
+           'corrupt_batches',
            'batch_seed',
            'dist_info', 'shard_batches', 'BatchContext', 'BatchResult', 'GaussianSynthesis',
            'MimiQSynthesis', 'NonFiniteSynthesisError', 'PSAQSynthesis', 'RealImages',

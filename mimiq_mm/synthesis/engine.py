@@ -168,6 +168,37 @@ def _finalise_manifest(folder: DatasetFolder, manifest: dict, settings: Synthesi
     return manifest
 
 
+def _batch_problems(folder: DatasetFolder, settings: SynthesisConfig, b: int,
+                    record: dict) -> List[Tuple[str, str]]:
+    """[(file, reason)] of what is wrong with finished batch ``b``: its record lists other
+    images than the settings make, or (``check_images_on_resume``) an image is missing,
+    unreadable or of the wrong size."""
+    first = b * settings.batch_size
+    count = min(settings.batch_size, settings.num_images - first)
+    expected = [image_name(first + i) for i in range(count)]
+    if record.get('images') != expected:
+        return [(folder.batch_path(b).name, f'lists {record.get("images")}, '
+                                            f'expected {expected}')]
+    if settings.check_images_on_resume:
+        return folder.validate_batch(record, settings.image_size)
+    return []
+
+
+def corrupt_batches(out_dir, cfg=None) -> Dict[int, List[Tuple[str, str]]]:
+    """``{batch: [(file, reason)]}`` for the finished batches of the synthetic set in
+    ``out_dir`` that :func:`synthesize` would regenerate (missing, truncated or wrongly
+    sized images). Read-only; empty for a sound set."""
+    settings = SynthesisConfig.from_dict(cfg)
+    folder = DatasetFolder(out_dir)
+    problems = {}
+    for b, record in folder.finished().items():
+        if 0 <= b < settings.num_batches:
+            bad = _batch_problems(folder, settings, b, record)
+            if bad:
+                problems[b] = bad
+    return problems
+
+
 def _pending_batches(folder: DatasetFolder, settings: SynthesisConfig, mine: List[int]
                      ) -> Tuple[List[int], Dict[int, list]]:
     """Batches of this rank still to generate, and the corrupt files found per batch."""
@@ -178,15 +209,7 @@ def _pending_batches(folder: DatasetFolder, settings: SynthesisConfig, mine: Lis
         if record is None:
             pending.append(b)
             continue
-        first = b * settings.batch_size
-        count = min(settings.batch_size, settings.num_images - first)
-        expected = [image_name(first + i) for i in range(count)]
-        bad = []
-        if record.get('images') != expected:
-            bad.append((folder.batch_path(b).name, f'lists {record.get("images")}, '
-                                                  f'expected {expected}'))
-        elif settings.check_images_on_resume:
-            bad = folder.validate_batch(record, settings.image_size)
+        bad = _batch_problems(folder, settings, b, record)
         if bad:
             for name, reason in bad:
                 logger.warning('corrupt synthetic image %s in %s (batch %d): %s; '

@@ -29,11 +29,13 @@ def tiny_runtime_cfg(cfg: Config, max_iters: int, ckpt_interval: int) -> Config:
 def tiny_mimiq_cfg(teacher_cfg: Config, teacher_checkpoint: str, synthetic_root: str, *,
                    max_iters: int, num_images: int, batch_size: int, ckpt_interval: int = 1,
                    calib_batches: int = 2, pack: str = 'PackDetInputs',
-                   extra_imports: Sequence[str] = ()) -> Config:
+                   flip: bool = True, extra_imports: Sequence[str] = ()) -> Config:
     """A MimiQ fine-tuning config around a (tiny) float teacher config: W4A4 student,
     ``num_images`` 64x64 synthetic images of one iteration (made by MimiQSynthesisHook on
     first use), calibration on ``calib_batches`` batches, ``max_iters`` AdamW iterations on
     the CPU with checkpoints every ``ckpt_interval`` iterations, gloo when distributed.
+    ``flip``: a ``RandomFlip`` in the train pipeline, as in the shipped configs (it draws
+    from the global numpy RNG, which a resumed run must find where a straight run had it).
     The teacher config's val/test settings are kept."""
     cfg = copy.deepcopy(teacher_cfg)
     cfg.custom_imports = dict(imports=['mimiq_mm.models', 'mimiq_mm.engine',
@@ -50,7 +52,9 @@ def tiny_mimiq_cfg(teacher_cfg: Config, teacher_checkpoint: str, synthetic_root:
         batch_size=batch_size, num_workers=0, persistent_workers=False,
         sampler=dict(type='InfiniteSampler', shuffle=True, seed=0),
         dataset=dict(type='mimiq_mm.SyntheticImageDataset', data_root=str(synthetic_root),
-                     pipeline=[dict(type='LoadImageFromFile'), dict(type=pack)]))
+                     pipeline=[dict(type='LoadImageFromFile'),
+                               *([dict(type='RandomFlip', prob=0.5)] if flip else []),
+                               dict(type=pack)]))
     tiny_runtime_cfg(cfg, max_iters, ckpt_interval)
     cfg.train_cfg.type = 'mimiq_mm.MimiQIterBasedTrainLoop'
     cfg.custom_hooks = [dict(type='mimiq_mm.MimiQSynthesisHook'),
