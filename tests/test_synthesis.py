@@ -280,6 +280,23 @@ def test_build_teacher_loads_checkpoint_and_preprocessor_stats(tmp_path):
     low, high = teacher.pixel_range()
     torch.testing.assert_close(low.flatten(), -pre.mean.flatten() / pre.std.flatten())
 
+    # the checkpoint of another model, a quantized student's, or a truncated file: an error
+    # that names the file (never a silently random teacher)
+    student = tmp_path / 'student.pth'
+    torch.save({'state_dict': {f'student.{k}': v for k, v in source.state_dict().items()}},
+               student)
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': build_tiny_model('upernet_swin', num_classes=7).state_dict()},
+               other)
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(path.read_bytes()[:1000])
+    for bad, match in ((student, 'quantized student'), (other, 'shape mismatches'),
+                       (truncated, 'cannot be read')):
+        cfg.teacher.checkpoint = str(bad)
+        with pytest.raises((RuntimeError, ValueError), match=match) as info:
+            build_teacher(cfg)
+        assert f'teacher.checkpoint={str(bad)!r}' in str(info.value)
+
 
 def test_w_sim_zero_ablation_uses_the_task_term_only(tmp_path, vit):
     out = synthesize(vit, tmp_path / 'a', dict(FAST, num_images=2, w_sim=0.0,

@@ -136,6 +136,12 @@ def test_detection_train_resume_test(demo_root, tmp_path):
                 'teacher/coco/segm_mAP'):
         assert key in metrics, sorted(metrics)
         assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0
+    # without --eval-teacher the teacher's file is not read (a config dumped into a work
+    # dir may name one that no longer exists)
+    alone = test.main([m_file, str(tmp_path / 'straight' / 'iter_2.pth'), '--work-dir',
+                       str(tmp_path / 'eval_alone'), '--cfg-options',
+                       f'teacher_checkpoint={tmp_path / "gone.pth"}'])
+    assert alone['coco/bbox_mAP'] == metrics['coco/bbox_mAP']
     # the plain teacher config through the same tool
     t_metrics = test.main([t_file, str(t_ckpt), '--work-dir', str(tmp_path / 'eval_t')])
     assert 'coco/bbox_mAP' in t_metrics and 'coco/segm_mAP' in t_metrics

@@ -59,8 +59,8 @@ def build_cfg(args):
         if args.eval_teacher:
             cfg.model.eval_teacher = True
             cfg.test_evaluator = wrap_teacher_metrics(cfg.test_evaluator)
-        elif cfg.model.get('teacher_checkpoint') is None:
-            cfg.model.load_teacher = False  # the student comes from the checkpoint
+        else:  # the student comes from the checkpoint; the teacher's file is not needed
+            cfg.model.load_teacher = False
     elif args.eval_teacher:
         raise ValueError('--eval-teacher needs a MimiQ config (model.type=MimiQDistiller)')
     if args.out is not None:

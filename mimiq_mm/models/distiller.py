@@ -15,7 +15,6 @@ teacher is run too and its results are stored as ``teacher_pred_instances`` /
 evaluates them with any metric under its own prefix.
 """
 import copy
-import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,6 +25,7 @@ from mimiq_mm.losses.hsad import HSAD_KINDS, hsad_loss
 from mimiq_mm.losses.task_kd import (feature_kd_loss, kl_div_with_temperature,
                                      roi_bbox_kd_loss, roi_mask_kd_loss, rpn_kd_loss)
 from mimiq_mm.registry import MODELS
+from mimiq_mm.utils.checkpoint import load_teacher_weights
 from mimiq_mm.utils.mm_builder import build_task_model
 
 #: Default weights of the task-KD terms (each multiplied by ``kd_weight``).
@@ -38,44 +38,6 @@ FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
 TRAIN_SCOPES = ('quantized', 'all', 'steps')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
-
-
-def load_teacher_weights(model: nn.Module, path: str, cfg_key: str = 'teacher_checkpoint'):
-    """Load a float checkpoint into ``model``, strictly, with errors that name the file."""
-    from mmengine.runner.checkpoint import _load_checkpoint
-    if path is None:
-        raise ValueError(f'{cfg_key} is not set. MimiQ needs the trained float model: pass '
-                         f'`--cfg-options {cfg_key}=/path/to/float.pth` (the checkpoint of '
-                         'the model in the config).')
-    if not (path.startswith(('http://', 'https://', 's3://')) or osp.isfile(path)):
-        raise FileNotFoundError(f'{cfg_key}={path!r} does not exist. Pass the float model '
-                                f'checkpoint with `--cfg-options {cfg_key}=PATH`.')
-    ckpt = _load_checkpoint(path, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(state, dict):
-        raise ValueError(f'{cfg_key}={path!r} holds no state_dict')
-    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
-    if state and all(k.startswith('student.') for k in state
-                     if not k.startswith('data_preprocessor.')):
-        raise ValueError(f'{cfg_key}={path!r} is a MimiQ (quantized student) checkpoint, not '
-                         'a float model. Pass the float teacher checkpoint instead.')
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(f'{k}: checkpoint {tuple(state[k].shape)} vs model '
-                        f'{tuple(own[k].shape)}' for k in own
-                        if k in state and hasattr(state[k], 'shape')
-                        and tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or mismatched:
-        def _head(items):
-            return f'{items[:6]}{" ..." if len(items) > 6 else ""} ({len(items)})'
-        raise RuntimeError(
-            f'{cfg_key}={path!r} does not match the teacher model of this config '
-            f'(model.teacher): missing keys {_head(missing)}, unexpected keys '
-            f'{_head(unexpected)}, shape mismatches {_head(mismatched)}. Use the checkpoint '
-            'trained with exactly this model config.')
-    model.load_state_dict(state, strict=True)
-    return ckpt
 
 
 @MODELS.register_module()

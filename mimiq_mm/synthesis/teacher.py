@@ -408,7 +408,9 @@ def build_teacher(cfg) -> SynthesisTeacher:
 
 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str) -> None:
-    """Load ``checkpoint`` into ``model`` on CPU; a missing file raises FileNotFoundError."""
+    """Load ``checkpoint`` into ``model`` on CPU, strictly (as the fine-tuning run loads its
+    teacher): a missing file raises FileNotFoundError, an unreadable one or one whose keys do
+    not match the model an error that names it."""
     path = os.path.expanduser(str(checkpoint))
     if '://' in path:
         raise ValueError(f'teacher.checkpoint must be a local file, got the URL {path!r}: '
@@ -418,5 +420,5 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str) -> None:
             f'teacher checkpoint not found: {path!r}. Set the config key teacher.checkpoint to '
             'an existing file (e.g. --cfg-options teacher.checkpoint=/path/to/teacher.pth), '
             'or teacher.checkpoint=None to use random weights for a smoke test.')
-    from mmengine.runner import load_checkpoint
-    load_checkpoint(model, path, map_location='cpu', strict=False, logger='current')
+    from mimiq_mm.utils.checkpoint import load_teacher_weights
+    load_teacher_weights(model, path, cfg_key='teacher.checkpoint')

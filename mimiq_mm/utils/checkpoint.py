@@ -10,11 +10,13 @@ checkpoint can never execute code.
 from __future__ import annotations
 
 import functools
+import os.path as osp
 import pickle
 from typing import List
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def _numpy_globals() -> List[object]:
@@ -75,3 +77,46 @@ def allow_mmengine_checkpoints() -> bool:
         return False
     add(mmengine_checkpoint_globals())
     return True
+
+
+def load_teacher_weights(model: nn.Module, path: str, cfg_key: str = 'teacher_checkpoint'):
+    """Load a float checkpoint into ``model``, strictly, with errors that name the file."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+    if path is None:
+        raise ValueError(f'{cfg_key} is not set. MimiQ needs the trained float model: pass '
+                         f'`--cfg-options {cfg_key}=/path/to/float.pth` (the checkpoint of '
+                         'the model in the config).')
+    if not (path.startswith(('http://', 'https://', 's3://')) or osp.isfile(path)):
+        raise FileNotFoundError(f'{cfg_key}={path!r} does not exist. Pass the float model '
+                                f'checkpoint with `--cfg-options {cfg_key}=PATH`.')
+    try:
+        ckpt = _load_checkpoint(path, map_location='cpu')
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise RuntimeError(f'{cfg_key}={path!r} cannot be read as a torch checkpoint '
+                           f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Is the '
+                           'file complete (not truncated by an interrupted copy)?') from err
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict):
+        raise ValueError(f'{cfg_key}={path!r} holds no state_dict')
+    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
+    if state and all(k.startswith('student.') for k in state
+                     if not k.startswith('data_preprocessor.')):
+        raise ValueError(f'{cfg_key}={path!r} is a MimiQ (quantized student) checkpoint, not '
+                         'a float model. Pass the float teacher checkpoint instead.')
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(f'{k}: checkpoint {tuple(state[k].shape)} vs model '
+                        f'{tuple(own[k].shape)}' for k in own
+                        if k in state and hasattr(state[k], 'shape')
+                        and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or mismatched:
+        def _head(items):
+            return f'{items[:6]}{" ..." if len(items) > 6 else ""} ({len(items)})'
+        raise RuntimeError(
+            f'{cfg_key}={path!r} does not match the teacher model of this config '
+            f'(model.teacher): missing keys {_head(missing)}, unexpected keys '
+            f'{_head(unexpected)}, shape mismatches {_head(mismatched)}. Use the checkpoint '
+            'trained with exactly this model config.')
+    model.load_state_dict(state, strict=True)
+    return ckpt
