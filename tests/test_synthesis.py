@@ -177,6 +177,32 @@ def test_resume_with_other_settings_is_refused(tmp_path, vit):
         synthesize(vit, tmp_path / 'r', dict(FAST, num_images=2, seed=7))
 
 
+def test_a_set_is_tied_to_its_teacher_weights(tmp_path, vit):
+    from mimiq_mm.synthesis import check_synthetic_set
+    from mimiq_mm.synthesis.teacher import weights_fingerprint
+    settings = SynthesisConfig.from_dict(dict(FAST, num_images=2))
+    out = synthesize(vit, tmp_path / 'tied', settings)
+    manifest = json.loads((out / 'manifest.json').read_text())
+    assert manifest['teacher_weights'] == weights_fingerprint(vit)
+    check_synthetic_set(out, settings, vit)                  # same weights: fine
+    # the attention adapters rename a ViT's keys, not its values
+    torch.manual_seed(0)
+    renamed = build_tiny_model('upernet_vit')
+    before = weights_fingerprint(renamed)
+    keys = list(renamed.state_dict())
+    adapt_attention_(renamed.backbone)
+    assert list(renamed.state_dict()) != keys and weights_fingerprint(renamed) == before
+    # one changed value is another teacher: refused for reuse and for resuming
+    other = tiny_timm_vit(img_size=32)
+    other.load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(ValueError, match='teacher_weights'):
+        check_synthetic_set(out, settings, other)
+    with pytest.raises(ValueError, match='teacher_weights'):
+        synthesize(other, out, settings)
+
+
 def test_psaq_entropy_prefers_diverse_patches():
     gen = torch.Generator().manual_seed(0)
     same = torch.randn(1, 1, 16, generator=gen).expand(2, 20, 16)

@@ -148,7 +148,15 @@ def test_detection_train_resume_test(demo_root, tmp_path):
     # same teacher weights, so the teacher scores agree
     assert t_metrics['coco/bbox_mAP'] == pytest.approx(metrics['teacher/coco/bbox_mAP'])
 
-    # 5. a missing teacher checkpoint is a clear error naming the config key
+    # 5. the finished synthetic set is not reused with another teacher checkpoint
+    other = torch.load(t_ckpt, map_location='cpu', weights_only=True)
+    first_key = next(k for k, v in other['state_dict'].items() if v.is_floating_point())
+    other['state_dict'][first_key] = other['state_dict'][first_key] + 1e-3
+    torch.save(other, tmp_path / 'other_teacher.pth')
+    with pytest.raises(ValueError, match='teacher_weights'):
+        train.main([m_file, '--work-dir', str(tmp_path / 'other'), '--cfg-options',
+                    f'teacher_checkpoint={tmp_path / "other_teacher.pth"}'])
+    # a missing teacher checkpoint is a clear error naming the config key
     with pytest.raises(FileNotFoundError, match='teacher_checkpoint=.*missing.pth'):
         train.main([m_file, '--work-dir', str(tmp_path / 'bad'), '--cfg-options',
                     f'teacher_checkpoint={tmp_path / "missing.pth"}'])

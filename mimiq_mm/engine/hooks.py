@@ -124,8 +124,13 @@ class MimiQSynthesisHook(Hook):
         from mimiq_mm.synthesis import (SynthesisConfig, check_synthetic_set,
                                         corrupt_batches, synthesize)
         settings = SynthesisConfig.from_dict(self._settings(runner))
+        model = unwrap_distiller(runner.model)
+        if model is None:
+            raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
+                            'teacher generates the images).')
         if synthetic_set_complete(root, settings.num_batches):
-            check_synthetic_set(root, settings)  # a finished set made otherwise: clear error
+            # a finished set made otherwise, or by another teacher: a clear error
+            check_synthetic_set(root, settings, model.teacher)
             bad = corrupt_batches(root, settings)
             if not bad:
                 print_log(f'Synthetic set found at {root}; skipping synthesis.',
@@ -136,10 +141,6 @@ class MimiQSynthesisHook(Hook):
             print_log(f'Synthetic set at {root}: {len(bad)} finished batch(es) have missing or '
                       f'corrupt images ({files}); regenerating those batches.',
                       logger='current', level=logging.WARNING)
-        model = unwrap_distiller(runner.model)
-        if model is None:
-            raise TypeError('MimiQSynthesisHook needs a MimiQDistiller model (its float '
-                            'teacher generates the images).')
         print_log(f'Synthesizing the training set into {root} ({settings.num_images} '
                   f'images) ...', logger='current')
         os.makedirs(root, exist_ok=True)

@@ -75,6 +75,10 @@ def _check_compatible(existing: dict, manifest: dict, out_dir: Path) -> None:
     for key in ('mean', 'std', 'channel_order'):
         if existing.get(key) != manifest.get(key):
             diff.append(key)
+    # sets written before the fingerprint existed, or without a teacher, are not compared
+    if existing.get('teacher_weights') and manifest.get('teacher_weights') and \
+            existing['teacher_weights'] != manifest['teacher_weights']:
+        diff.append('teacher_weights')
     if diff:
         details = ', '.join(f'{k}: {old.get(k, existing.get(k))!r} -> '
                             f'{new.get(k, manifest.get(k))!r}' for k in diff)
@@ -83,11 +87,12 @@ def _check_compatible(existing: dict, manifest: dict, out_dir: Path) -> None:
             'Resume with the same synthesis config, or choose a new --work-dir / out_dir.')
 
 
-def check_synthetic_set(out_dir, settings: SynthesisConfig) -> None:
+def check_synthetic_set(out_dir, settings: SynthesisConfig, teacher=None) -> None:
     """Raise ValueError when ``out_dir`` already holds a synthetic set whose manifest was
-    written with other image-changing settings than ``settings`` (a finished set is reused
-    as it is, so a changed config must not meet the images of the old one). No manifest:
-    nothing to check."""
+    written with other image-changing settings than ``settings``, or (``teacher`` given)
+    by a teacher with other weights (a finished set is reused as it is, so a changed config
+    or teacher checkpoint must not meet the images of the old one). No manifest: nothing
+    to check."""
     folder = DatasetFolder(out_dir)
     try:
         existing = folder.read_manifest()
@@ -96,6 +101,8 @@ def check_synthetic_set(out_dir, settings: SynthesisConfig) -> None:
     if not isinstance(existing, dict):
         return
     wanted = {key: existing.get(key) for key in ('mean', 'std', 'channel_order')}
+    if teacher is not None:
+        wanted['teacher_weights'] = as_teacher(teacher).fingerprint()
     _check_compatible(existing, dict(wanted, config=settings.to_dict()), folder.root)
 
 
@@ -139,6 +146,7 @@ def _manifest(settings: SynthesisConfig, teacher: Optional[SynthesisTeacher],
         'std': teacher.std if teacher is not None else list(IMAGENET_STD),
         'channel_order': teacher.channel_order if teacher is not None else 'rgb',
         'teacher': teacher.description if teacher is not None else None,
+        'teacher_weights': teacher.fingerprint() if teacher is not None else None,
         'world_size': world_size,
         'config': settings.to_dict(),
         'created': _now(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import logging
 import os
@@ -146,6 +147,10 @@ class SynthesisTeacher:
         self.description = dict(description or {})
         self.description.setdefault('class', type(model).__name__)
         self.description.setdefault('kind', self.kind)
+
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the network (and classifier) that makes images."""
+        return weights_fingerprint(self.model, self.classifier)
 
     # ------------------------------------------------------------------ input space
     @property
@@ -405,6 +410,25 @@ def build_teacher(cfg) -> SynthesisTeacher:
                             std=teacher_cfg.pop('std', None),
                             channel_order=teacher_cfg.pop('channel_order', None),
                             description=description)
+
+
+def weights_fingerprint(*modules: Optional[nn.Module]) -> str:
+    """16 hex digits of sha256 over the tensors of the modules' state dicts, by value: the
+    same for the same weights whatever the key names and order (the attention adapters
+    rename a ViT's keys, not its values), different as soon as one value differs. Recorded
+    in a synthetic set's manifest, so that a set is never reused with another teacher."""
+    digests = []
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in module.state_dict().values():
+            if not torch.is_tensor(tensor):
+                continue
+            flat = tensor.detach().to('cpu').contiguous().reshape(-1)
+            digest = hashlib.sha256(f'{flat.dtype}{tuple(tensor.shape)}'.encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+            digests.append(digest.hexdigest())
+    return hashlib.sha256(''.join(sorted(digests)).encode()).hexdigest()[:16]
 
 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str) -> None:
