@@ -239,6 +239,13 @@ def test_shipped_configs_offline_and_overridable(name):
     text = str(cfg.model.to_dict())
     assert 'http' not in text and 'Pretrained' not in text
     assert cfg.model.teacher.get('pretrained') is None
+    # the synthetic set's folder moves with the top-level variable; an explicit data_root
+    # override wins
+    args = train.parse_args([path, '--cfg-options', 'synthetic_root=/elsewhere/set'])
+    assert train.build_cfg(args).train_dataloader.dataset.data_root == '/elsewhere/set'
+    args = train.parse_args([path, '--cfg-options', 'synthetic_root=/elsewhere/set',
+                             'train_dataloader.dataset.data_root=/explicit'])
+    assert train.build_cfg(args).train_dataloader.dataset.data_root == '/explicit'
 
 
 def test_real_swin_t_mask_rcnn_config_builds(tmp_path):

@@ -42,11 +42,13 @@ def parse_args(argv=None):
 def build_cfg(args):
     from mmengine.config import Config
 
-    from mimiq_mm.engine import apply_mimiq_fields
+    from mimiq_mm.engine import apply_mimiq_fields, follow_synthetic_root
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
+        parsed_root = cfg.get('synthetic_root', None)
         cfg.merge_from_dict(args.cfg_options)
+        follow_synthetic_root(cfg, parsed_root)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:

@@ -1,5 +1,6 @@
 """Config helpers shared by tools/train.py and tools/test.py."""
 import copy
+from typing import Iterator
 
 DISTILLER_TYPES = ('MimiQDistiller', 'mimiq_mm.MimiQDistiller')
 #: Top-level config fields copied into ``model`` of a MimiQ config (so that
@@ -27,6 +28,32 @@ def apply_mimiq_fields(cfg):
                           f'--cfg-options {key}=...', logger='current', level=30)
             cfg.model[key] = copy.deepcopy(cfg[key])
     return cfg
+
+
+def follow_synthetic_root(cfg, parsed_root):
+    """Make ``--cfg-options synthetic_root=DIR`` move the synthetic train set (in place).
+
+    The configs write ``data_root=synthetic_root`` into ``train_dataloader``: the value is
+    copied when the file is parsed, so overriding the variable alone would change nothing.
+    ``parsed_root`` is ``synthetic_root`` as the file set it; when the merged config holds
+    another one, every train dataset whose ``data_root`` was still the parsed value follows
+    it (a ``data_root`` overridden explicitly is left alone)."""
+    new_root = cfg.get('synthetic_root', None)
+    if parsed_root is None or new_root is None or new_root == parsed_root:
+        return cfg
+    for dataset in nested_datasets(cfg.get('train_dataloader', None)):
+        if dataset.get('data_root') == parsed_root:
+            dataset['data_root'] = new_root
+    return cfg
+
+
+def nested_datasets(dataloader_cfg) -> Iterator[dict]:
+    """The dataset configs of a dataloader config, outermost first (``RepeatDataset`` &
+    co. wrap the real one under ``dataset``)."""
+    dataset = dataloader_cfg.get('dataset', None) if isinstance(dataloader_cfg, dict) else None
+    while isinstance(dataset, dict):
+        yield dataset
+        dataset = dataset.get('dataset', None)
 
 
 def _plain(value):

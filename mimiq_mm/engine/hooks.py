@@ -34,6 +34,8 @@ from mmengine.logging import print_log
 
 from mimiq_mm.registry import HOOKS
 
+from .config_utils import nested_datasets
+
 SYNTH_POLL_SECONDS = 1.0  # how often a rank looks for the other ranks' batches
 
 
@@ -71,10 +73,9 @@ def preserved_global_rng() -> Iterator[None]:
 
 
 def _dataset_root(dataloader_cfg) -> Optional[str]:
-    dataset = dataloader_cfg.get('dataset', {}) if isinstance(dataloader_cfg, dict) else {}
-    while isinstance(dataset, dict) and 'dataset' in dataset:  # RepeatDataset & co.
-        dataset = dataset['dataset']
-    return dataset.get('data_root') if isinstance(dataset, dict) else None
+    """``data_root`` of the innermost dataset of a dataloader config."""
+    datasets = list(nested_datasets(dataloader_cfg))
+    return datasets[-1].get('data_root') if datasets else None
 
 
 @HOOKS.register_module()
