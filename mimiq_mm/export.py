@@ -147,6 +147,11 @@ def load_quantized_(student: nn.Module, source) -> nn.Module:
     for key, entry in payload['quantized_weights'].items():
         state[key] = _decode(entry, getattr(torch, entry.get('dtype', 'float32')))
     student.load_state_dict(state, strict=True)
+    # The exported scales are the ones the integer weights were made with: keep them rather
+    # than let the first forward recompute them from the decoded weights.
+    for module in student.modules():
+        if hasattr(module, 'mark_weight_qparams_current'):
+            module.mark_weight_qparams_current()
     return student
 
 

@@ -101,6 +101,13 @@ class _QuantWeightMixin:
                 wq.calibrate_from(self.weight.detach())
                 self._weight_version = self.weight._version
 
+    def mark_weight_qparams_current(self) -> None:
+        """Take the weight quantizer's state as up to date with the weight as it is now
+        (after loading an export: its weights were decoded with exactly that scale, and a
+        range recomputed from already-quantized weights by an MSE or LSQ-init rule would
+        differ)."""
+        self._weight_version = self.weight._version
+
     def _quant_weight(self) -> torch.Tensor:
         self.sync_weight_qparams()
         return self.weight_quantizer(self.weight)
