@@ -230,6 +230,23 @@ def test_dequantize_restores_float_modules_and_outputs():
         _assert_all_close(_seg(model, x), ref, **TOL)
 
 
+def test_second_quantize_with_another_config_is_refused():
+    model = tiny_timm_vit(img_size=32)
+    quantize_(model)                                   # W4A4
+    counts = count_quant_modules(model)
+    quantize_(model, QuantConfig())                    # the same config again: a no-op
+    assert count_quant_modules(model) == counts
+    for other, match in ((dict(weight=dict(bits=8), act=dict(bits=8)), 'weight 4 bits'),
+                         (dict(act=dict(bits=8)), 'activations 4 bits')):
+        with pytest.raises(ValueError, match=match) as info:
+            quantize_(model, other)
+        assert 'dequantize_(model)' in str(info.value)
+    assert {q.cfg.bits for _, q in quantizers(model) if q.is_weight} == {4}
+    dequantize_(model)                                 # the documented way to change it
+    quantize_(model, dict(weight=dict(bits=8), act=dict(bits=8)))
+    assert {q.cfg.bits for _, q in quantizers(model) if q.is_weight} == {8}
+
+
 @pytest.mark.parametrize('name', ['upernet_swin', 'upernet_vit'])
 def test_reparam_at_calibration_keeps_float_function(name):
     model = _build(name)

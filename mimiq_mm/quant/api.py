@@ -78,7 +78,10 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
 
     swaps = []
     for name, module in scope_module.named_modules():
-        if not name or isinstance(module, QUANT_MODULE_TYPES):
+        if not name:
+            continue
+        if isinstance(module, QUANT_MODULE_TYPES):
+            _check_already_quantized(module, prefix + name, config.for_module(prefix + name))
             continue
         fqn = prefix + name
         is_matmul = isinstance(module, MatMul)
@@ -121,6 +124,27 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
         parent, attr = _split(name)
         setattr(scope_module.get_submodule(parent) if parent else scope_module, attr, new)
     return model
+
+
+def _check_already_quantized(module: nn.Module, fqn: str, cfg) -> None:
+    """A second ``quantize_`` leaves quantized layers as they are; with another config that
+    would silently keep the old bit widths (a sweep over bit widths on one model object)."""
+    if isinstance(module, QuantMatMul):  # its quantizers follow the layers' act / attn_prob
+        return
+    wanted = None if cfg is None else cfg.weight
+    have = module.weight_quantizer.cfg
+    if wanted != have:
+        raise ValueError(
+            f'{fqn} is already quantized (weight {have.bits} bits) and this config asks for '
+            f'{"no quantization" if wanted is None else f"{wanted.bits} bits"} or other '
+            'weight settings. quantize_ does not re-quantize a layer: call '
+            'dequantize_(model) first, or quantize a fresh copy of the float model.')
+    inputs = getattr(module, 'input_quantizer', None)
+    if inputs is not None and inputs.cfg != cfg.act:
+        raise ValueError(
+            f'{fqn} is already quantized (activations {inputs.cfg.bits} bits) and this config '
+            f'asks for {cfg.act.bits} bits or other activation settings. Call '
+            'dequantize_(model) first, or quantize a fresh copy of the float model.')
 
 
 def _device_of(module: nn.Module) -> torch.device:
