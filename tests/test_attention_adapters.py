@@ -298,6 +298,36 @@ def test_unsupported_attention_error_names_class_and_decorator():
     assert type(model[1]) is _HomeMadeAttention  # nothing was modified
 
 
+class _HFStyleAttention(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.num_attention_heads = heads
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        return torch.softmax(self.query(x) @ self.key(x).transpose(-2, -1), -1) @ self.value(x)
+
+
+class _NHeadsAttention(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.n_heads = 2
+        self.to_qkv = nn.Linear(dim, dim * 3)
+
+    def forward(self, x):
+        q, k, v = self.to_qkv(x).chunk(3, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize('cls', [_HFStyleAttention, _NHeadsAttention])
+def test_other_head_count_names_are_recognised_not_silently_left_float(cls):
+    from mimiq_mm.quant import quantize_
+    model = nn.Sequential(nn.Linear(16, 16), cls())
+    assert list(find_attention_modules(model)) == ['1']
+    with pytest.raises(UnsupportedAttentionError, match=cls.__name__):
+        quantize_(model)
+
+
 def test_atomic_when_one_module_is_unsupported():
     model = nn.Sequential(nn.MultiheadAttention(16, 2), _HomeMadeAttention())
     with pytest.raises(UnsupportedAttentionError):

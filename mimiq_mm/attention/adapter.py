@@ -195,13 +195,18 @@ def _has_qkv_projection(module: nn.Module) -> bool:
     return False
 
 
+#: attribute names under which attention implementations keep their head count
+_HEAD_COUNT_NAMES = ('num_heads', 'num_attention_heads', 'n_heads', 'n_head', 'heads', 'nhead')
+
+
 def is_attention_like(module: nn.Module) -> bool:
     """The rule deciding what adapt_attention_ must handle. A module is attention-like when
 
     1. it is an ``nn.MultiheadAttention`` (any subclass), or
     2. an adapter is registered for its class or one of its bases, or
-    3. it has an integer attribute ``num_heads`` AND a direct child module or parameter that is
-       a q/k/v input projection: one of ``qkv``, ``to_qkv``, ``qkv_proj``, ``in_proj``,
+    3. it has an integer head count (an attribute named ``num_heads``, ``num_attention_heads``,
+       ``n_heads``, ``n_head``, ``heads`` or ``nhead``) AND a direct child module or parameter
+       that is a q/k/v input projection: one of ``qkv``, ``to_qkv``, ``qkv_proj``, ``in_proj``,
        ``in_proj_weight``, ``Wqkv``, or all of ``q``+``kv``, ``q``+``k``+``v``,
        ``q_proj``+``k_proj``+``v_proj``, ``query``+``key``+``value``, ``to_q``+``to_k``+``to_v``,
        ``to_q``+``to_kv``.
@@ -214,9 +219,9 @@ def is_attention_like(module: nn.Module) -> bool:
     cls = type(module)
     if any(_lookup(base) is not None for base in cls.__mro__):
         return True
-    num_heads = getattr(module, 'num_heads', None)
-    return isinstance(num_heads, int) and not isinstance(num_heads, bool) and \
-        _has_qkv_projection(module)
+    has_heads = any(isinstance(getattr(module, attr, None), int)
+                    and not isinstance(getattr(module, attr), bool) for attr in _HEAD_COUNT_NAMES)
+    return has_heads and _has_qkv_projection(module)
 
 
 def find_attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
