@@ -258,6 +258,14 @@ def test_bad_settings_and_missing_checkpoint(tmp_path):
         SynthesisConfig.from_dict(dict(iterationz=3))
     with pytest.raises(ValueError, match="'mimiq'"):
         SynthesisConfig.from_dict(dict(method='dream'))
+    # a value of the wrong type names the field (not int()'s "invalid literal")
+    for bad, match in ((dict(num_images='abc'), 'synthesis.num_images must be int'),
+                       (dict(batch_size=True), 'synthesis.batch_size must be int'),
+                       (dict(lr='fast'), 'synthesis.lr must be float'),
+                       (dict(progress='yes'), 'synthesis.progress must be bool')):
+        with pytest.raises(TypeError, match=match):
+            SynthesisConfig.from_dict(bad)
+    assert SynthesisConfig.from_dict(dict(lr=1, num_images=np.int64(4))).num_images == 4
     spec = importlib.util.spec_from_file_location('generate_cli', REPO / 'tools' / 'generate.py')
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

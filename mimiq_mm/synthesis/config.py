@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
+
+import numpy as np
 
 from ..losses.attention_similarity import DEFAULT_MAX_CHUNK_ELEMENTS
 
@@ -86,6 +89,7 @@ class SynthesisConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
         if self.method not in METHODS:
             raise ValueError(f'synthesis.method must be one of {METHODS}, got {self.method!r}')
         if self.task_loss not in TASK_LOSSES:
@@ -122,6 +126,21 @@ class SynthesisConfig:
         if self.method == 'real' and not self.real_root:
             raise ValueError("synthesis.method='real' needs synthesis.real_root=<folder of "
                              'images> (e.g. --cfg-options synthesis.real_root=data/coco/val2017)')
+
+    def _check_types(self) -> None:
+        """Plain int / float / bool fields get a value of that type (an int for a float is
+        fine), so that ``--cfg-options synthesis.num_images=abc`` fails naming the field.
+        (Annotations are strings here: ``from __future__ import annotations``.)"""
+        allowed = {'int': numbers.Integral, 'float': numbers.Real, 'bool': (bool, np.bool_)}
+        for f in dataclasses.fields(self):
+            kinds = allowed.get(f.type)
+            if kinds is None:
+                continue
+            value = getattr(self, f.name)
+            flag = isinstance(value, (bool, np.bool_))
+            if not isinstance(value, kinds) or (f.type != 'bool' and flag):
+                raise TypeError(f'synthesis.{f.name} must be {f.type}, got {value!r} '
+                                f'({type(value).__name__})')
 
     @property
     def compile_scope(self) -> str:
