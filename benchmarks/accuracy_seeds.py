@@ -7,8 +7,9 @@ differences the tables are read for. This tool groups the cells of several resul
 (typically one ``accuracy.py --seed N --out DIR`` run per seed) by task, row, bit width,
 number of images (synthetic, or real for the real-data rows), ``--cfg-options`` and every
 other setting of the run that the row depends on (``accuracy.settings_used``: e.g. synthesis
-iterations, fine-tuning length, lr), except the seed and the synthesis batch, and reports every seed's value, the mean and the spread, plus the
-mean as a share of the float teacher's. Settings that differ between the groups shown are
+iterations, fine-tuning length, lr), except the seed and the synthesis batch, and reports
+every seed's value, the mean and the spread, plus the mean as a share of the float
+teacher's. Settings that differ between the groups shown are
 listed in the table.
 
     python benchmarks/accuracy_seeds.py --out benchmarks/results/accuracy/det_seeds \\

@@ -49,7 +49,8 @@ def test_fresh_venv_is_small_sees_deps_and_imports_this_checkout(tmp_path):
     assert _size(venv) < 5 * 2 ** 20          # the 6 GB stay in the shared env
     probe = subprocess.run(
         [str(venv / 'bin' / 'python'), '-c',
-         'import mimiq_mm, torch, mmcv.ops, mmdet; print(mimiq_mm.__file__); print(torch.__file__)'],
+         'import mimiq_mm, torch, mmcv.ops, mmdet; '
+         'print(mimiq_mm.__file__); print(torch.__file__)'],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     ours, torch_file = probe.stdout.split()

@@ -137,8 +137,8 @@ class SynthesisConfig:
             if kinds is None:
                 continue
             value = getattr(self, f.name)
-            flag = isinstance(value, (bool, np.bool_))
-            if not isinstance(value, kinds) or (f.type != 'bool' and flag):
+            is_bool = isinstance(value, (bool, np.bool_))  # bool is an Integral too
+            if not isinstance(value, kinds) or (f.type != 'bool' and is_bool):
                 raise TypeError(f'synthesis.{f.name} must be {f.type}, got {value!r} '
                                 f'({type(value).__name__})')
 
