@@ -26,11 +26,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('src')
     parser.add_argument('dst')
+    parser.add_argument('--frozen-pretrained', nargs='*', default=[], metavar='PREFIX=NAME',
+                        help='leave out frozen pretrained weights, e.g. '
+                             'backbone.vit.=dinov2_vits14_imgfocus (put back when the '
+                             'teacher is loaded, from the converted file `make setup` writes)')
     args = parser.parse_args(argv)
     ckpt = torch.load(args.src, map_location='cpu')
     meta = ckpt.get('meta', {})
-    out = dict(state_dict={k: v.contiguous() for k, v in ckpt['state_dict'].items()},
-               meta=dict(dataset_meta=meta.get('dataset_meta'), epoch=meta.get('epoch'),
+    state = {k: v.contiguous() for k, v in ckpt['state_dict'].items()}
+    frozen = []
+    if args.frozen_pretrained:
+        from mimiq_mm.models.dinov2 import strip_frozen_pretrained
+        prefixes = dict(item.split('=', 1) for item in args.frozen_pretrained)
+        state, frozen = strip_frozen_pretrained(state, prefixes)
+    out = dict(state_dict=state,
+               meta=dict(frozen_pretrained=frozen or None,
+                         dataset_meta=meta.get('dataset_meta'), epoch=meta.get('epoch'),
                          iter=meta.get('iter'), mmengine_version=meta.get('mmengine_version'),
                          source=os.path.basename(args.src)))
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)

