@@ -237,24 +237,12 @@ class MimiQDistiller(BaseModel):
         return feats, neck
 
     def _record_features(self, inputs: Tensor):
-        from mimiq_mm.attention import AttentionRecorder
-        need_hsad = self.gamma > 0
-        with torch.no_grad():
-            if need_hsad:
-                with AttentionRecorder(self.teacher, detach=True) as t_rec:
-                    t_bb, t_neck = self._features(self.teacher, inputs)
-                t_records = t_rec.records
-            else:
-                t_bb, t_neck = self._features(self.teacher, inputs)
-                t_records = []
-        if need_hsad:
-            with AttentionRecorder(self.student) as s_rec:
-                s_bb, s_neck = self._features(self.student, inputs)
-            s_records = s_rec.records
-        else:
-            s_bb, s_neck = self._features(self.student, inputs)
-            s_records = []
-        return (t_bb, t_neck, t_records), (s_bb, s_neck, s_records)
+        """((backbone, neck, attention records) of the teacher, the same of the student)."""
+        from .generic import record_pair
+        (t_feats, t_recs), (s_feats, s_recs) = record_pair(
+            self.teacher, self.student, lambda m: self._features(m, inputs),
+            with_attention=self.gamma > 0)
+        return (*t_feats, t_recs), (*s_feats, s_recs)
 
     def _w(self, key: str) -> float:
         return self.kd_weight * float(self.kd_weights[key])
