@@ -94,5 +94,7 @@ log_processor = dict(by_epoch=False, window_size=10)
 custom_hooks = [
     dict(type='mimiq_mm.MimiQSynthesisHook'),  # settings: `synthesis` above
     dict(type='mimiq_mm.MimiQCalibrationHook', num_batches=8),
+    # fine-tuning is kept only if it lowers the distillation loss on images it never saw
+    dict(type='mimiq_mm.MimiQKeepBestHook', holdout_images=8),
 ]
 randomness = dict(seed=0)

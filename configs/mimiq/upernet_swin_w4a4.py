@@ -68,5 +68,7 @@ log_processor = dict(by_epoch=False)
 custom_hooks = [
     dict(type='mimiq_mm.MimiQSynthesisHook'),
     dict(type='mimiq_mm.MimiQCalibrationHook', num_batches=32),
+    # fine-tuning is kept only if it lowers the distillation loss on images it never saw
+    dict(type='mimiq_mm.MimiQKeepBestHook', holdout_images=64),
 ]
 model_wrapper_cfg = dict(type='MMDistributedDataParallel', find_unused_parameters=True)

@@ -284,3 +284,125 @@ class MimiQCalibrationHook(Hook):
             if seen == 0:
                 raise RuntimeError('Calibration saw no batch: the dataloader is empty.')
             sync_observers_(model.student)
+
+
+def _mimiq_loop():
+    from .loops import MimiQIterBasedTrainLoop
+    return MimiQIterBasedTrainLoop
+
+
+@HOOKS.register_module()
+class MimiQKeepBestHook(Hook):
+    """Never end a run with a student that fine-tuning made worse (data-free decision).
+
+    The last ``holdout_images`` images of the synthetic set are kept out of training (the
+    train dataset gets ``max_images = num_images - holdout_images``). Before the first step
+    (after calibration) the student's distillation loss on them is measured and the
+    calibrated (PTQ) student is saved to ``<work_dir>/ptq_student.pth``; after the last step
+    the loss is measured again, and when fine-tuning raised it the PTQ student is put back
+    and the final checkpoint rewritten with it. ``<work_dir>/keep_best.json`` records both
+    losses and which student was kept (:func:`mimiq_mm.models.generic.heldout_loss`).
+
+    Args:
+        holdout_images: images held out of training (>= 1; at most a quarter of the set is
+            held out; a set of fewer than 4 images gets no decision, with a warning).
+        batch_size: batch size of the held-out scoring (default: the train batch size).
+    """
+    priority = 'LOW'  # after MimiQCalibrationHook (VERY_HIGH) in before_train
+
+    def __init__(self, holdout_images: int = 16, batch_size: Optional[int] = None):
+        if isinstance(holdout_images, bool) or not isinstance(holdout_images, int) \
+                or holdout_images < 1:
+            raise ValueError(f'holdout_images must be an int >= 1, got {holdout_images!r}')
+        self.holdout_images = holdout_images
+        self.batch_size = batch_size
+        self._num_images: Optional[int] = None
+        self._heldout_cfg: Optional[dict] = None
+        self._holdout = 0
+
+    # called by MimiQIterBasedTrainLoop before the train dataloader is built
+    def before_build_train_dataloader(self, runner, dataloader_cfg=None) -> None:
+        if dataloader_cfg is None:
+            raise ValueError('MimiQKeepBestHook needs the train dataloader as a config dict')
+        if not runner.cfg.get('train_cfg', {}).get('max_iters', 1):
+            return  # no fine-tuning (PTQ): nothing to decide, every image calibrates
+        synth = runner.cfg.get('synthesis', None) or {}
+        num = int(synth.get('num_images', 0))
+        holdout = min(self.holdout_images, num // 4)  # at most a quarter of the set
+        if holdout < 1:
+            print_log(f'MimiQKeepBestHook: {num} synthetic images are too few to hold any '
+                      'out; the fine-tuned student is kept without a check.',
+                      logger='current', level=logging.WARNING)
+            return
+        self._holdout = holdout
+        dataset = list(nested_datasets(dataloader_cfg))[-1]
+        held = copy.deepcopy(dict(dataloader_cfg))
+        held.update(sampler=dict(type='DefaultSampler', shuffle=False),
+                    batch_size=self.batch_size or dataloader_cfg.get('batch_size', 1),
+                    num_workers=0, persistent_workers=False)
+        held_ds = list(nested_datasets(held))[-1]
+        held_ds.pop('max_images', None)
+        held_ds['indices'] = list(range(num - holdout, num))
+        dataset['max_images'] = num - holdout
+        self._num_images, self._heldout_cfg = num, held
+
+    def _score(self, runner) -> float:
+        from mimiq_mm.models import unwrap_distiller
+        from mimiq_mm.models.generic import heldout_loss
+        model = unwrap_distiller(runner.model)
+        loader = runner.build_dataloader(copy.deepcopy(self._heldout_cfg), seed=runner.seed)
+        with preserved_global_rng():
+            return heldout_loss(lambda batch: model.loss(**model.data_preprocessor(batch, True)),
+                                loader)
+
+    def _paths(self, runner):
+        return (osp.join(runner.work_dir, 'ptq_student.pth'),
+                osp.join(runner.work_dir, 'keep_best.json'))
+
+    def before_train(self, runner) -> None:
+        from mimiq_mm.models import unwrap_distiller
+        if self._heldout_cfg is None:
+            if not isinstance(runner.train_loop, _mimiq_loop()):
+                raise RuntimeError('MimiQKeepBestHook needs train_cfg=dict(type='
+                                   "'mimiq_mm.MimiQIterBasedTrainLoop', ...) to hold images "
+                                   'out')
+            return  # PTQ run, or too few images to hold out
+        model = unwrap_distiller(runner.model)
+        ptq_path, json_path = self._paths(runner)
+        if runner.iter > 0 and osp.isfile(ptq_path) and osp.isfile(json_path):
+            return  # resumed: the PTQ student and its score were saved by the first run
+        self.ptq_loss = self._score(runner)
+        if dist.get_rank() == 0:
+            state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
+            torch.save(state, ptq_path + '.tmp')
+            os.replace(ptq_path + '.tmp', ptq_path)
+            with open(json_path, 'w') as f:
+                json.dump(dict(heldout_images=self._holdout, heldout_ptq=self.ptq_loss),
+                          f, indent=1)
+        print_log(f'Held-out distillation loss of the calibrated student: {self.ptq_loss:.4f} '
+                  f'({self._holdout} synthetic images not trained on).', logger='current')
+
+    def after_train(self, runner) -> None:
+        from mimiq_mm.models import unwrap_distiller
+        if self._heldout_cfg is None:
+            return  # PTQ run
+        model = unwrap_distiller(runner.model)
+        ptq_path, json_path = self._paths(runner)
+        with open(json_path) as f:
+            record = json.load(f)
+        finetuned = self._score(runner)
+        keep_ptq = [finetuned > float(record['heldout_ptq'])]
+        dist.broadcast_object_list(keep_ptq, src=0)
+        record.update(heldout_finetuned=finetuned, kept='ptq' if keep_ptq[0] else 'finetuned')
+        if keep_ptq[0]:
+            state = torch.load(ptq_path, map_location='cpu', weights_only=True)
+            model.student.load_state_dict(state)
+            runner.save_checkpoint(runner.work_dir, f'iter_{runner.iter}.pth',
+                                   save_optimizer=False, save_param_scheduler=False,
+                                   meta=dict(mimiq_kept='ptq'))
+        if dist.get_rank() == 0:
+            with open(json_path, 'w') as f:
+                json.dump(record, f, indent=1)
+        print_log(f'Held-out distillation loss: calibrated {record["heldout_ptq"]:.4f}, '
+                  f'fine-tuned {finetuned:.4f}: keeping the {record["kept"]} student.',
+                  logger='current')
