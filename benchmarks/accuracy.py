@@ -131,8 +131,9 @@ class Benchmark:
         out = Path(demo._resolve(args.out))
         self.json_path = out / f'accuracy_{card_name(self.machine)}{suffix}.json'
         self.md_path = self.json_path.with_suffix('.md')
-        self.checkpoints = {'det': demo._resolve(args.det_checkpoint or demo.TASKS['det'].checkpoint),
-                            'seg': demo._resolve(args.seg_checkpoint or demo.TASKS['seg'].checkpoint)}
+        given = {'det': args.det_checkpoint, 'seg': args.seg_checkpoint}
+        self.checkpoints = {task: demo._resolve(given.get(task) or spec.checkpoint)
+                            for task, spec in demo.TASKS.items()}
         self.state = self._load_state()
         self.data_root: Optional[Path] = None
         self._has_train = False

@@ -37,6 +37,23 @@ VARIANTS = {
     'mse_log2': {'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
     'mse_log2_reparam': {'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2',
                          'quant_cfg.reparam': True},
+    # candidates for one default that survives real pretrained statistics (issue: real
+    # backbones): RepQ-ViT's pieces (LayerNorm reparam, log-sqrt2 softmax grid) with MSE
+    # (clipping-ratio search) weight and activation ranges
+    'pct_log2_reparam': {'quant_cfg.act.observer': 'percentile',
+                         'quant_cfg.attn_prob.kind': 'log2', 'quant_cfg.reparam': True},
+    'wmse_mse_sqrt2_reparam': {'quant_cfg.weight.observer': 'mse',
+                               'quant_cfg.act.observer': 'mse',
+                               'quant_cfg.attn_prob.kind': 'log_sqrt2',
+                               'quant_cfg.reparam': True},
+    'wmse_pct_sqrt2_reparam': {'quant_cfg.weight.observer': 'mse',
+                               'quant_cfg.act.observer': 'percentile',
+                               'quant_cfg.attn_prob.kind': 'log_sqrt2',
+                               'quant_cfg.reparam': True},
+    'wmse_mse_log2_reparam': {'quant_cfg.weight.observer': 'mse',
+                              'quant_cfg.act.observer': 'mse',
+                              'quant_cfg.attn_prob.kind': 'log2', 'quant_cfg.reparam': True},
+    'wmse_minmax_log2': {'quant_cfg.weight.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
 }
 PTQ_ROWS = ('ptq_gaussian', 'ptq_mimiq')
 
@@ -57,6 +74,8 @@ def run_variant(args, task, name, rows, bits='W4A4') -> dict:
         argv.append('--small')
     if args.device:
         argv += ['--device', args.device]
+    if getattr(args, 'num_train', None):
+        argv += ['--num-train', str(args.num_train)]
     for key in ('num_val', 'num_images', 'synth_iters', 'synth_batch', 'ft_iters', 'ft_batch'):
         value = getattr(args, key)
         if value is not None:
@@ -79,8 +98,9 @@ def render(state: dict) -> str:
     for task, variants in state['tasks'].items():
         spec = accuracy.demo.TASKS[task]
         lines += [f'## {task} ({" / ".join(m.label for m in spec.metrics)})', '',
-                  '| variant | cfg-options | PTQ Gaussian | PTQ MimiQ images | full MimiQ |',
-                  '|:---|:---|---:|---:|---:|']
+                  '| variant | cfg-options | PTQ Gaussian | PTQ MimiQ images | PTQ real images '
+                  '| full MimiQ |',
+                  '|:---|:---|---:|---:|---:|---:|']
         for name, cells in variants.items():
             def fmt(row):
                 cell = cells.get(f'{task}/{row}/W4A4')
@@ -88,7 +108,7 @@ def render(state: dict) -> str:
                                   for m in spec.metrics) if cell else 'n/a'
             opts = ' '.join(f'{k}={v}' for k, v in VARIANTS[name].items()) or '(config)'
             lines.append(f'| {name} | {opts} | {fmt("ptq_gaussian")} | {fmt("ptq_mimiq")} | '
-                         f'{fmt("mimiq")} |')
+                         f'{fmt("ptq_real")} | {fmt("mimiq")} |')
         float_cell = next((c.get(f'{task}/float/float') for c in variants.values()
                            if c.get(f'{task}/float/float')), None)
         if float_cell:
@@ -102,6 +122,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--tasks', nargs='+', default=['det'], choices=sorted(accuracy.demo.TASKS))
     p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument('--ptq-rows', nargs='+', default=list(PTQ_ROWS),
+                   choices=('ptq_gaussian', 'ptq_mimiq', 'ptq_psaq', 'ptq_real'),
+                   help='the PTQ rows run for every variant (ranked by ptq_mimiq)')
+    p.add_argument('--num-train', type=int, default=None,
+                   help='demo TRAIN images for ptq_real (accuracy.py --num-train)')
     p.add_argument('--finetune-top', type=int, default=2,
                    help='run full MimiQ for the K best variants (by PTQ on MimiQ images)')
     p.add_argument('--out', default='benchmarks/results/recipe_sweep')
@@ -131,7 +156,7 @@ def main(argv=None):
     for task in args.tasks:
         results = state['tasks'].setdefault(task, {})
         for i, name in enumerate(args.variants):
-            rows = (('float',) if i == 0 else ()) + PTQ_ROWS
+            rows = (('float',) if i == 0 else ()) + tuple(args.ptq_rows)
             print(f'== {task} {name}: {", ".join(rows)}', flush=True)
             results[name] = run_variant(args, task, name, rows)
             save()

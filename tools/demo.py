@@ -95,6 +95,25 @@ TASKS: Dict[str, TaskSpec] = {
         dataset='ade',
         metrics=(Metric('mIoU', 'mIoU', 'mIoU', 0.01),),
         default_work_dir='work_dirs/demo_seg'),
+    # The real-backbone teachers: the same heads on a frozen pretrained DINOv2 ViT-S/14
+    # (its weights from `make setup`; the shipped checkpoints hold the neck and heads).
+    'det_dinov2': TaskSpec(
+        name='det_dinov2',
+        mimiq_config='configs/mimiq/demo_maskrcnn_dinov2_w4a4.py',
+        float_config='configs/demo/maskrcnn_dinov2_demo.py',
+        checkpoint='checkpoints/dinov2/maskrcnn_dinov2_demo.pth',
+        dataset='coco',
+        metrics=(Metric('coco/bbox_mAP', 'bbox_mAP', 'bbox mAP', 1.0),
+                 Metric('coco/segm_mAP', 'segm_mAP', 'segm mAP', 1.0)),
+        default_work_dir='work_dirs/demo_det_dinov2'),
+    'seg_dinov2': TaskSpec(
+        name='seg_dinov2',
+        mimiq_config='configs/mimiq/demo_upernet_dinov2_w4a4.py',
+        float_config='configs/demo/upernet_dinov2_demo.py',
+        checkpoint='checkpoints/dinov2/upernet_dinov2_demo.pth',
+        dataset='ade',
+        metrics=(Metric('mIoU', 'mIoU', 'mIoU', 0.01),),
+        default_work_dir='work_dirs/demo_seg_dinov2'),
 }
 
 
