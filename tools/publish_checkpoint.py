@@ -27,7 +27,8 @@ def main(argv=None):
     parser.add_argument('src')
     parser.add_argument('dst')
     args = parser.parse_args(argv)
-    ckpt = torch.load(args.src, map_location='cpu')
+    from mimiq_mm.utils.checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(args.src, map_location='cpu', what='src')
     meta = ckpt.get('meta', {})
     out = dict(state_dict={k: v.contiguous() for k, v in ckpt['state_dict'].items()},
                meta=dict(dataset_meta=meta.get('dataset_meta'), epoch=meta.get('epoch'),
