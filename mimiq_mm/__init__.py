@@ -10,7 +10,8 @@ The pipeline, one sub-package per stage::
     engine/     (5) hooks/loops for mmengine's Runner (tools/train.py, tools/test.py)
 
 Importing the package installs torch's ``weights_only`` allow-list for mmengine checkpoints
-(:mod:`mimiq_mm.utils.checkpoint`) and registers every component in the mimiq_mm
+and routes mmengine's checkpoint loading through mimiq_mm's one loader (local files only,
+weights-only; :mod:`mimiq_mm.utils.checkpoint`), and registers every component in the mimiq_mm
 registries, so configs only need ``custom_imports=dict(imports=['mimiq_mm'])``.
 """
 import warnings
@@ -19,10 +20,12 @@ import warnings
 # notice says nothing actionable to our users, so it is silenced here, once.
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
-from .utils.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from .utils.checkpoint import (allow_mmengine_checkpoints,  # noqa: E402
+                               install_checkpoint_loaders)
 from .version import __version__  # noqa: E402
 
 allow_mmengine_checkpoints()
+install_checkpoint_loaders()  # every mmengine checkpoint read: local + weights_only, no URLs
 
 # Public API (each stage's package holds the rest).
 from .attention import (AttentionRecorder, adapt_attention_, register_adapter,  # noqa: E402

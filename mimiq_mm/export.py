@@ -23,6 +23,12 @@ import torch
 from torch import Tensor, nn
 
 FORMAT = 'mimiq_mm.quantized/1'
+#: Registry scopes an export file may name (``meta.scope``, a ``_scope_`` key or a
+#: ``'scope.Type'`` anywhere in ``meta.teacher``): the scope decides which package mmengine
+#: imports (``f'{scope}.models'`` / ``f'{scope}.registry'``), so a file must not choose it.
+MODEL_SCOPES = ('mmdet', 'mmseg')
+#: Scopes of nested component types that are accepted as well (installed, trusted packages).
+COMPONENT_SCOPES = MODEL_SCOPES + ('mmengine', 'mmcv', 'mimiq_mm')
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -135,11 +141,56 @@ def export_quantized(student: nn.Module, path: Optional[str] = None,
     return payload
 
 
+def _read_export(source):
+    """A path is read with the project's one loader (local, weights-only); a payload dict
+    is used as it is."""
+    if isinstance(source, (str, os.PathLike)):
+        from mimiq_mm.utils.checkpoint import load_checkpoint_file
+        return load_checkpoint_file(source, map_location='cpu', what='exported checkpoint')
+    return source
+
+
+def check_export_scopes(meta: dict) -> Optional[str]:
+    """The registry scope of an export's model, checked against :data:`MODEL_SCOPES`; every
+    ``_scope_`` / ``'scope.Type'`` in ``meta['teacher']`` must be in
+    :data:`COMPONENT_SCOPES`. Raises ValueError naming the offending value."""
+    scope = meta.get('scope')
+    if scope is not None and scope not in MODEL_SCOPES:
+        raise ValueError(f'export file names the model scope {scope!r}; only {MODEL_SCOPES} '
+                         'are accepted (the scope selects the package that gets imported)')
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == '_scope_' and value not in COMPONENT_SCOPES:
+                    raise ValueError(f'export file: {where}._scope_={value!r} is not one of '
+                                     f'{COMPONENT_SCOPES}')
+                if key == 'type' and isinstance(value, str) and '.' in value and \
+                        value.split('.', 1)[0] not in COMPONENT_SCOPES:
+                    raise ValueError(f'export file: {where}.type={value!r} names the scope '
+                                     f'{value.split(".", 1)[0]!r}, not one of '
+                                     f'{COMPONENT_SCOPES}')
+                walk(value, f'{where}.{key}')
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f'{where}[{i}]')
+
+    walk(meta.get('teacher'), 'meta.teacher')
+    top = meta.get('teacher') or {}
+    nested = top.get('_scope_') if isinstance(top, dict) else None
+    prefix = top.get('type', '').split('.', 1)[0] \
+        if isinstance(top, dict) and '.' in str(top.get('type', '')) else None
+    for cand in (nested, prefix):
+        if cand is not None and cand not in MODEL_SCOPES:
+            raise ValueError(f'export file: the model scope {cand!r} is not one of '
+                             f'{MODEL_SCOPES}')
+    return scope
+
+
 def load_quantized_(student: nn.Module, source) -> nn.Module:
     """Load an exported checkpoint (path or payload) into a quantized model of the same
     structure (``quantize_`` applied), in place. Strict on keys."""
-    payload = torch.load(source, map_location='cpu', weights_only=True) \
-        if isinstance(source, (str, os.PathLike)) else source
+    payload = _read_export(source)
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise ValueError(f'{source!r} is not a {FORMAT} file (use tools/export.py to make '
                          'one)')
@@ -160,13 +211,16 @@ def build_quantized_model(source) -> nn.Module:
     mmdet / mmseg, installed; nothing is downloaded)."""
     from mimiq_mm.models.distiller import build_task_model
     from mimiq_mm.quant import QuantConfig, quantize_
-    payload = torch.load(source, map_location='cpu', weights_only=True) \
-        if isinstance(source, (str, os.PathLike)) else source
-    meta = payload.get('meta', {})
+    payload = _read_export(source)
+    if not isinstance(payload, dict) or payload.get('format') != FORMAT:
+        raise ValueError(f'{source!r} is not a {FORMAT} file (use tools/export.py to make '
+                         'one)')
+    meta = payload.get('meta') or {}
     if not meta.get('teacher'):
         raise ValueError('this export has no model config (meta.teacher); build the model '
                          'yourself and call load_quantized_(model, path)')
-    model = build_task_model(meta['teacher'], meta.get('scope'))
+    scope = check_export_scopes(meta)
+    model = build_task_model(meta['teacher'], scope, allowed_scopes=MODEL_SCOPES)
     quantize_(model, QuantConfig.from_dict(meta.get('quant_cfg')))
     load_quantized_(model, payload)
     model.eval()

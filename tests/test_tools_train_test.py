@@ -206,8 +206,11 @@ def test_segmentation_train_test_miou(demo_root, tmp_path):
     ckpt = tmp_path / 'mimiq' / 'iter_2.pth'
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
     assert any(k.endswith('input_quantizer.step') for k in state)
+    # evaluated under the recipe it was trained with (the config's default A4 is refused:
+    # tests/test_checkpoint_guard.py)
     metrics = test.main([m_file, str(ckpt), '--work-dir', str(tmp_path / 'eval'),
-                         '--out', str(tmp_path / 'preds.pkl')])
+                         '--out', str(tmp_path / 'preds.pkl'),
+                         '--cfg-options', 'quant_cfg.act.bits=3'])
     assert 'mIoU' in metrics and 0.0 <= metrics['mIoU'] <= 100.0
     assert (tmp_path / 'preds.pkl').is_file()
 

@@ -37,9 +37,7 @@ def main(argv=None):
     import torch
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-
-    from mimiq_mm.engine import apply_mimiq_fields, is_mimiq_config
+    from mimiq_mm.engine import apply_mimiq_fields, check_checkpoint_matches, is_mimiq_config
     from mimiq_mm.export import (build_quantized_model, export_quantized, float_state_dict,
                                  serialized_size)
     from mimiq_mm.models import MimiQDistiller
@@ -58,7 +56,13 @@ def main(argv=None):
     model_cfg.load_teacher = False
     model = MODELS.build(model_cfg)
     assert isinstance(model, MimiQDistiller)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
+    from mimiq_mm.utils.checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(args.checkpoint, map_location='cpu', what='checkpoint')
+    # the one guard of every tool: strict keys and the config's quantization recipe
+    check_checkpoint_matches(ckpt, model, f'checkpoint {args.checkpoint!r}')
+    state = ckpt.get('state_dict', ckpt)
+    state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
     model.eval()
     teacher_cfg = cfg.model.teacher.to_dict() if hasattr(cfg.model.teacher, 'to_dict') \
         else dict(cfg.model.teacher)

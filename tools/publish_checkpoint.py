@@ -31,7 +31,8 @@ def main(argv=None):
                              'backbone.vit.=dinov2_vits14_imgfocus (put back when the '
                              'teacher is loaded, from the converted file `make setup` writes)')
     args = parser.parse_args(argv)
-    ckpt = torch.load(args.src, map_location='cpu')
+    from mimiq_mm.utils.checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(args.src, map_location='cpu', what='src')
     meta = ckpt.get('meta', {})
     state = {k: v.contiguous() for k, v in ckpt['state_dict'].items()}
     frozen = []

@@ -74,9 +74,10 @@ def build_cfg(args):
 
 
 def main(argv=None):
-    from mimiq_mm.engine import build_runner, close_distributed
+    from mimiq_mm.engine import build_runner, check_run_inputs, close_distributed
     args = parse_args(argv)
     cfg = build_cfg(args)
+    check_run_inputs(cfg, 'test')
     runner = build_runner(cfg)
     metrics = runner.test()
     close_distributed()

@@ -42,13 +42,15 @@ def parse_args(argv=None):
 def build_cfg(args):
     from mmengine.config import Config
 
-    from mimiq_mm.engine import apply_mimiq_fields, follow_synthetic_root
+    from mimiq_mm.engine import apply_mimiq_fields, follow_max_iters, follow_synthetic_root
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         parsed_root = cfg.get('synthetic_root', None)
+        parsed_iters = cfg.get('max_iters', None)
         cfg.merge_from_dict(args.cfg_options)
         follow_synthetic_root(cfg, parsed_root)
+        follow_max_iters(cfg, parsed_iters)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
@@ -79,8 +81,9 @@ def build_cfg(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mimiq_mm.engine import build_runner, close_distributed
+    from mimiq_mm.engine import build_runner, check_run_inputs, close_distributed
     cfg = build_cfg(args)
+    check_run_inputs(cfg, 'train')  # before synthesis / calibration start
     runner = build_runner(cfg)
     runner.train()
     close_distributed()

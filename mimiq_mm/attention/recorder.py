@@ -91,10 +91,17 @@ class AttentionRecorder:
         adapted = {name: m for name, m in self.model.named_modules() if is_adapted(m)}
         if not adapted:
             attention = find_attention_modules(self.model)
-            found = f' (it has attention modules: {sorted(attention)})' if attention else ''
+            if attention:
+                raise RuntimeError(
+                    f'AttentionRecorder: {type(self.model).__name__} has no adapted attention '
+                    f'module (it has attention modules: {sorted(attention)}). Call '
+                    'mimiq_mm.attention.adapt_attention_(model) first.')
             raise RuntimeError(
-                f'AttentionRecorder: {type(self.model).__name__} has no adapted attention '
-                f'module{found}. Call mimiq_mm.attention.adapt_attention_(model) first.')
+                f'AttentionRecorder: {type(self.model).__name__} has no attention module at '
+                'all (e.g. a ResNet backbone), so there are no attention heads to record: '
+                'MimiQ\'s attention terms (synthesis L_sim, fine-tuning HSAD) need a '
+                'transformer backbone; for a CNN set model.gamma=0 and a synthesis method '
+                "other than 'mimiq' (e.g. synthesis.method='gaussian').")
         if names is None:
             self._targets = adapted
         else:

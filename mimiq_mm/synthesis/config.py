@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -141,6 +142,8 @@ class SynthesisConfig:
             if not isinstance(value, kinds) or (f.type != 'bool' and is_bool):
                 raise TypeError(f'synthesis.{f.name} must be {f.type}, got {value!r} '
                                 f'({type(value).__name__})')
+            if f.type == 'float' and not math.isfinite(float(value)):
+                raise ValueError(f'synthesis.{f.name}={value!r} is not a finite number')
 
     @property
     def compile_scope(self) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 from .config import RESUME_IGNORED_KEYS, SynthesisConfig
 from .methods import BatchContext, build_method
 from .teacher import SynthesisTeacher, as_teacher
-from .writer import FORMAT_VERSION, DatasetFolder, image_name
+from .writer import FORMAT_VERSION, DatasetFolder, image_name, writer_lock
 
 __all__ = ['synthesize', 'batch_seed', 'shard_batches', 'dist_info']
 
@@ -84,7 +84,9 @@ def _check_compatible(existing: dict, manifest: dict, out_dir: Path) -> None:
                             f'{new.get(k, manifest.get(k))!r}' for k in diff)
         raise ValueError(
             f'{out_dir} already holds a synthetic dataset made with other settings ({details}). '
-            'Resume with the same synthesis config, or choose a new --work-dir / out_dir.')
+            'Resume with the same synthesis config, or choose a new folder: '
+            'tools/train.py --cfg-options synthetic_root=DIR, tools/generate.py --work-dir DIR, '
+            'synthesize(..., out_dir=DIR).')
 
 
 def check_synthetic_set(out_dir, settings: SynthesisConfig, teacher=None) -> None:
@@ -260,6 +262,14 @@ def synthesize(teacher, out_dir, cfg=None, *, classifier: Optional[nn.Module] = 
         raise ValueError(f"synthesis method {settings.method!r} needs a teacher model")
 
     folder = DatasetFolder(out_dir, rank)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    with writer_lock(folder.root, rank):  # one writer per shard and folder
+        _synthesize_locked(folder, teacher, settings, rank, world_size, device, on_batch_end)
+    return folder.root
+
+
+def _synthesize_locked(folder: DatasetFolder, teacher, settings: SynthesisConfig, rank: int,
+                       world_size: int, device: torch.device, on_batch_end) -> None:
     folder.prepare()
     manifest = _manifest(settings, teacher, world_size)
     existing = folder.read_manifest()
@@ -297,7 +307,6 @@ def synthesize(teacher, out_dir, cfg=None, *, classifier: Optional[nn.Module] = 
         if rank == 0 and settings.figures:
             from .visualize import write_figures
             write_figures(folder.root, teacher if attention else None, settings, device)
-    return folder.root
 
 
 def _run_batch(b: int, settings: SynthesisConfig, method, folder: DatasetFolder,

@@ -435,10 +435,9 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str) -> None:
     """Load ``checkpoint`` into ``model`` on CPU, strictly (as the fine-tuning run loads its
     teacher): a missing file raises FileNotFoundError, an unreadable one or one whose keys do
     not match the model an error that names it."""
+    from mimiq_mm.utils.checkpoint import refuse_remote
+    refuse_remote(str(checkpoint), 'teacher.checkpoint')  # the project's one URL guard
     path = os.path.expanduser(str(checkpoint))
-    if '://' in path:
-        raise ValueError(f'teacher.checkpoint must be a local file, got the URL {path!r}: '
-                         'download it once and set teacher.checkpoint=/path/to/file.pth')
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f'teacher checkpoint not found: {path!r}. Set the config key teacher.checkpoint to '

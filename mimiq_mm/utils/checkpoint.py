@@ -6,12 +6,23 @@ into its own checkpoints (the MessageHub's ``HistoryBuffer`` and the numpy array
 inside it). Instead of switching the safety off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), we
 allow-list exactly those globals. Anything else in a file is still refused, so an untrusted
 checkpoint can never execute code.
+
+Every checkpoint read goes through ONE loader, :func:`load_checkpoint_file`: local files
+only (a ``scheme://`` path is refused before any network access: the project downloads
+nothing, and ``torch.hub`` would unpickle a downloaded file in full), ``torch.load`` with
+``weights_only=True`` and the allow-list above. :func:`install_checkpoint_loaders` (run by
+``import mimiq_mm``) puts it behind mmengine's ``CheckpointLoader``, so ``load_from``,
+``--resume``, ``init_cfg=Pretrained`` and ``load_checkpoint`` use it too, and every remote
+scheme mmengine knows (http(s), s3, petrel, pavi, open-mmlab, torchvision, mmcls ...) is
+refused.
 """
 from __future__ import annotations
 
 import functools
+import os
 import os.path as osp
 import pickle
+import re
 from typing import List
 
 import numpy as np
@@ -79,22 +90,107 @@ def allow_mmengine_checkpoints() -> bool:
     return True
 
 
+#: ``scheme://...`` (also mmengine's ``open-mmlab:s3://...`` form): not a local file.
+_URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.\-]*:(?:[A-Za-z0-9+.\-]+:)?//')
+
+
+class RemoteCheckpointError(ValueError):
+    """A checkpoint path is a URL: mimiq_mm reads checkpoints from local files only."""
+
+
+def is_remote_path(path) -> bool:
+    """True for ``http://``, ``s3://``, ``open-mmlab://``, ``open-mmlab:s3://`` ... paths."""
+    return isinstance(path, str) and bool(_URL_RE.match(path.strip()))
+
+
+def refuse_remote(path, what: str = 'checkpoint') -> None:
+    """Raise :class:`RemoteCheckpointError` for a URL (before anything is downloaded)."""
+    if is_remote_path(path):
+        raise RemoteCheckpointError(
+            f'{what}={path!r} is a URL; mimiq_mm loads checkpoints from local files only '
+            '(nothing is downloaded, and a downloaded file would bypass the weights_only '
+            'check that local files get). Download it yourself and pass the local path.')
+
+
+def load_checkpoint_file(path, map_location='cpu', what: str = 'checkpoint'):
+    """THE checkpoint reader of mimiq_mm: a local file, ``torch.load(weights_only=True)``
+    with the mmengine allow-list (:func:`allow_mmengine_checkpoints`). A URL is refused
+    (:class:`RemoteCheckpointError`), a missing file is a ``FileNotFoundError`` and an
+    unreadable or unsafe one a ``RuntimeError``, each naming ``what`` and the path."""
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(path, str):
+        raise TypeError(f'{what} must be a file path, got {type(path).__name__}')
+    refuse_remote(path, what)
+    local = osp.expanduser(path)
+    if not osp.isfile(local):
+        raise FileNotFoundError(f'{what}={path!r} does not exist (no such file).')
+    allow_mmengine_checkpoints()
+    try:
+        return torch.load(local, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        first = (str(err).splitlines() or [''])[0][:300]
+        raise RuntimeError(f'{what}={path!r} cannot be read as a weights-only torch checkpoint '
+                           f'({type(err).__name__}: {first}). Is the file complete (not '
+                           'truncated by an interrupted copy), and a checkpoint of tensors '
+                           'and plain containers (mimiq_mm never unpickles arbitrary '
+                           'objects)?') from err
+
+
+def _load_from_mimiq_local(filename, map_location=None):
+    """mmengine ``CheckpointLoader`` scheme for local files (prefix '').
+
+    ``meta['config']`` is dropped: ``Runner.resume`` hands that text to
+    ``Config.fromstring``, which EXECUTES it as a Python config file, so a weights-only-safe
+    file could still run code through it (mmengine itself writes ``meta['cfg']``, never
+    ``'config'``; only a check of the GPU count is lost)."""
+    checkpoint = load_checkpoint_file(filename, map_location=map_location)
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    if isinstance(meta, dict) and 'config' in meta:
+        meta.pop('config')
+        from mmengine.logging import print_log
+        print_log(f"{filename}: ignoring meta['config'] (config text that mmengine's resume "
+                  'would execute)', logger='current', level=30)
+    return checkpoint
+
+
+def _load_from_refused_remote(filename, map_location=None):
+    """mmengine ``CheckpointLoader`` scheme for every remote prefix: refused."""
+    refuse_remote(filename)
+    # a prefix mmengine maps without '://' (none in 0.10): still never downloaded
+    raise RemoteCheckpointError(f'checkpoint={filename!r}: remote checkpoints are refused')
+
+
+#: remote schemes registered with mmengine's CheckpointLoader, besides the ones it knows
+EXTRA_REMOTE_PREFIXES = (r'[A-Za-z][A-Za-z0-9+.\-]*:(?:[A-Za-z0-9+.\-]+:)?//', )
+
+
+def install_checkpoint_loaders() -> bool:
+    """Route every mmengine checkpoint read through :func:`load_checkpoint_file`: the local
+    scheme ('') loads weights-only with the allow-list, every remote scheme (all prefixes
+    mmengine registered, plus any ``scheme://``) raises :class:`RemoteCheckpointError`.
+    Idempotent; True once installed."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    schemes = CheckpointLoader._schemes
+    for prefix in list(schemes) + list(EXTRA_REMOTE_PREFIXES):
+        loader = _load_from_mimiq_local if prefix == '' else _load_from_refused_remote
+        if schemes.get(prefix) is not loader:
+            CheckpointLoader.register_scheme(prefix, loader, force=True)
+    if CheckpointLoader._schemes.get('') is not _load_from_mimiq_local:
+        CheckpointLoader.register_scheme('', _load_from_mimiq_local, force=True)
+    return True
+
+
 def load_teacher_weights(model: nn.Module, path: str, cfg_key: str = 'teacher_checkpoint'):
     """Load a float checkpoint into ``model``, strictly, with errors that name the file."""
-    from mmengine.runner.checkpoint import _load_checkpoint
     if path is None:
         raise ValueError(f'{cfg_key} is not set. MimiQ needs the trained float model: pass '
                          f'`--cfg-options {cfg_key}=/path/to/float.pth` (the checkpoint of '
                          'the model in the config).')
-    if not (path.startswith(('http://', 'https://', 's3://')) or osp.isfile(path)):
+    refuse_remote(path, cfg_key)
+    if not osp.isfile(osp.expanduser(str(path))):
         raise FileNotFoundError(f'{cfg_key}={path!r} does not exist. Pass the float model '
                                 f'checkpoint with `--cfg-options {cfg_key}=PATH`.')
-    try:
-        ckpt = _load_checkpoint(path, map_location='cpu')
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise RuntimeError(f'{cfg_key}={path!r} cannot be read as a torch checkpoint '
-                           f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Is the '
-                           'file complete (not truncated by an interrupted copy)?') from err
+    ckpt = load_checkpoint_file(path, map_location='cpu', what=cfg_key)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
     if not isinstance(state, dict):
         raise ValueError(f'{cfg_key}={path!r} holds no state_dict')

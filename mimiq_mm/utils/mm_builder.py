@@ -7,7 +7,7 @@ group (SyncBN).
 """
 import copy
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
 from mmengine.config import ConfigDict
 from mmengine.registry import DefaultScope
@@ -48,17 +48,24 @@ def _scope_of(type_name) -> Optional[str]:
     return None
 
 
-def build_task_model(cfg: dict, scope: Optional[str] = None) -> nn.Module:
+def build_task_model(cfg: dict, scope: Optional[str] = None,
+                     allowed_scopes: Optional[Sequence[str]] = None) -> nn.Module:
     """Build an mmdet / mmseg model config inside the right registry scope.
 
     ``scope`` is, in order: the argument, a ``_scope_`` key / ``'mmdet.'`` prefix in the
     config, the current default scope (``default_scope`` of the run), then ``mmdet`` and
-    ``mmseg`` tried in turn.
+    ``mmseg`` tried in turn. ``allowed_scopes``: when given (a config read from a data file,
+    e.g. an export), a candidate scope outside it is an error, never imported.
     """
     # ConfigDict: mmdet / mmseg read nested settings as attributes (``train_cfg.rpn``,
     # ``test_cfg.mode``), which plain dicts (a config saved with an export) do not have.
     cfg = ConfigDict(copy.deepcopy(dict(cfg)))
     candidates = [scope, cfg.pop('_scope_', None), _scope_of(cfg.get('type'))]
+    if allowed_scopes is not None:  # the config's own scopes: refused, never imported
+        bad = [c for c in candidates if c and c not in allowed_scopes]
+        if bad:
+            raise ValueError(f'model scope {bad[0]!r} is not one of {tuple(allowed_scopes)}; '
+                             'refusing to import a package chosen by a data file')
     current = DefaultScope.get_current_instance()
     if current is not None:
         candidates.append(current.scope_name)
@@ -67,6 +74,8 @@ def build_task_model(cfg: dict, scope: Optional[str] = None) -> nn.Module:
     for cand in candidates:
         if not cand or cand in tried or cand == 'mimiq_mm':
             continue
+        if allowed_scopes is not None and cand not in allowed_scopes:
+            continue  # e.g. the caller's default scope
         tried.append(cand)
         try:
             __import__(f'{cand}.models')  # registers the library's modules
