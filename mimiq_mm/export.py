@@ -80,7 +80,7 @@ def weight_codes(module) -> Tuple[Tensor, Tensor, Tensor, int, int]:
     qmin, qmax = q.quant_min_max
     scale = q._qparam().detach()
     zero_point = q.zero_point.detach()
-    w = module.weight.detach()
+    w = module.effective_weight().detach()  # W, or W R for a rotated input
     s = _channel_view(scale.to(w.dtype), w.dim())
     zp = _channel_view(zero_point.to(w.dtype), w.dim())
     codes = torch.clamp(torch.round(w * (1.0 / s)) + zp, qmin, qmax)
@@ -195,8 +195,12 @@ def load_quantized_(student: nn.Module, source) -> nn.Module:
         raise ValueError(f'{source!r} is not a {FORMAT} file (use tools/export.py to make '
                          'one)')
     state = dict(payload['state_dict'])
+    layers = {(f'{n}.weight' if n else 'weight'): m for n, m in _weight_layers(student)}
     for key, entry in payload['quantized_weights'].items():
-        state[key] = _decode(entry, getattr(torch, entry.get('dtype', 'float32')))
+        decoded = _decode(entry, getattr(torch, entry.get('dtype', 'float32')))
+        layer = layers.get(key)
+        # codes are of the weight the quantizer sees (W R for a rotated input): back to W
+        state[key] = layer.weight_from_effective(decoded) if layer is not None else decoded
     student.load_state_dict(state, strict=True)
     # The exported scales are the ones the integer weights were made with: keep them rather
     # than let the first forward recompute them from the decoded weights.

@@ -122,7 +122,8 @@ def test_activation_quantizer_observers_asymmetric(observer):
 
 def test_weight_quantizer_per_channel_matches_torch():
     w = torch.randn(6, 5, 3, 3, generator=_gen(4))
-    q = Quantizer(QuantConfig().weight, ch_axis=0, num_channels=6, is_weight=True)
+    q = Quantizer(QuantConfig().weight.replace(observer='minmax'), ch_axis=0, num_channels=6,
+                  is_weight=True)
     q.calibrate_from(w)
     torch.testing.assert_close(q.scale, w.abs().amax(dim=(1, 2, 3)) / 7)
     ref = torch.fake_quantize_per_channel_affine(w, q.scale, torch.zeros(6, dtype=torch.int32),
@@ -188,7 +189,8 @@ def test_quant_conv_roundtrip_and_float_input():
 
 
 def test_quant_matmul_quantizes_both_inputs_av_uses_attn_prob_config():
-    cfg = QuantConfig(attn_prob=dict(kind='log2', lsq=False, observer='minmax'))
+    cfg = QuantConfig(attn_prob=dict(kind='log2', lsq=False, observer='minmax'),
+                      rotate_inputs=False)
     mm = QuantMatMul.from_float(MatMul(), cfg, role='av')
     assert mm.a_quantizer.cfg.kind == 'log2' and mm.b_quantizer.cfg.kind == 'uniform'
     qk = QuantMatMul.from_float(MatMul(), cfg, role='qk')
@@ -323,7 +325,8 @@ def test_weight_range_follows_the_weight_after_in_place_updates():
     quantizer must follow (no clipping), and stay put while the weight does not change."""
     from mimiq_mm.quant import QuantConfig, QuantLinear
     torch.manual_seed(0)
-    lin = QuantLinear.from_float(nn.Linear(8, 4), QuantConfig(), keep_input_float=True)
+    lin = QuantLinear.from_float(nn.Linear(8, 4), QuantConfig(weight=dict(observer='minmax')),
+                                 keep_input_float=True)
     lin.weight_quantizer.calibrate_from(lin.weight)
     x = torch.randn(3, 8)
     lin(x)
@@ -338,3 +341,33 @@ def test_weight_range_follows_the_weight_after_in_place_updates():
     # the largest weight of every row is representable again (not clipped to the old range)
     assert torch.allclose(wq.abs().amax(dim=1), lin.weight.abs().amax(dim=1), rtol=1e-6)
     assert torch.allclose(out, torch.nn.functional.linear(x, wq, lin.bias))
+
+
+def test_rotated_inputs_keep_the_float_function():
+    """x Wᵀ = (x R)(W R)ᵀ, q·kᵀ = (q R)(k R)ᵀ and attn·v = (attn·(v R)) Rᵀ: with the
+    quantizers off, rotated layers compute the float result; with them on, the quantizers
+    see the rotated tensors."""
+    from mimiq_mm.quant import QuantConfig, QuantLinear, set_quant_state
+    from mimiq_mm.quant.rotation import InputRotation
+    torch.manual_seed(0)
+    rot = InputRotation(96)
+    m = torch.randn(5, 96)
+    torch.testing.assert_close(rot.inverse(rot(m)), m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rot(torch.eye(96)) @ rot(torch.eye(96)).t(), torch.eye(96),
+                               atol=1e-5, rtol=0)
+    float_lin = nn.Linear(96, 7)
+    x = torch.randn(3, 4, 96)
+    lin = QuantLinear.from_float(float_lin, QuantConfig(), rotate_input=True)
+    assert lin.input_rotation is not None
+    set_quant_state(lin, weight=False, act=False)
+    torch.testing.assert_close(lin(x), F.linear(x, float_lin.weight, float_lin.bias),
+                               atol=1e-5, rtol=1e-5)
+    for role, (a, b) in (('qk', (torch.randn(2, 3, 5, 24), torch.randn(2, 3, 24, 6))),
+                         ('av', (torch.softmax(torch.randn(2, 3, 5, 6), -1),
+                                 torch.randn(2, 3, 6, 24)))):
+        mm = QuantMatMul.from_float(MatMul(), QuantConfig(), role=role)
+        assert mm.rotate
+        set_quant_state(mm, weight=False, act=False)
+        torch.testing.assert_close(mm(a, b), a @ b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='Linear layers only'):
+        QuantConv2d.from_float(nn.Conv2d(3, 4, 3), QuantConfig(), rotate_input=True)

@@ -227,3 +227,16 @@ def test_parse_bit_widths():
                        ('W16A16', 'weight bits 16')):
         with pytest.raises(ValueError, match=words):
             parse_bit_widths(bad)
+
+
+def test_log_quantizer_passes_gradient_to_the_largest_probabilities():
+    """Code 0 (the probabilities within half a level of the scale, the largest of each row)
+    must get the log quantizer's gradient x'/x; only inputs above the scale are clipped."""
+    from mimiq_mm.quant.primitives import fake_quantize_log
+    x = torch.tensor([0.2, 0.1, 0.3], requires_grad=True)
+    y = fake_quantize_log(x, torch.tensor(0.21), 4)
+    y.sum().backward()
+    expected = (y / x).detach()
+    expected[2] = 0.0  # 0.3 > scale: clipped to the scale
+    torch.testing.assert_close(x.grad, expected)
+    assert x.grad[0] > 0

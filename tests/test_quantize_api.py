@@ -318,13 +318,19 @@ def test_calibrated_state_dict_reproduces_outputs_in_fresh_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- config
-def test_config_defaults_follow_mimiq():
+def test_config_defaults_are_the_one_recipe():
+    """MIMIQ.md's W4/A4 layout with the range estimators and rotation chosen on the real
+    (DINOv2) and demo teachers (benchmarks/results/real_backbone/)."""
     cfg = QuantConfig()
     assert (cfg.weight.bits, cfg.weight.granularity, cfg.weight.symmetric,
-            cfg.weight.observer, cfg.weight.lsq) == (4, 'per_channel', True, 'minmax', False)
+            cfg.weight.observer, cfg.weight.lsq) == (4, 'per_channel', True, 'mse', False)
     assert (cfg.act.bits, cfg.act.granularity, cfg.act.observer, cfg.act.lsq) == (
-        4, 'per_tensor', 'lsq', True)
+        4, 'per_tensor', 'mse', True)
+    assert (cfg.attn_prob.bits, cfg.attn_prob.kind, cfg.attn_prob.lsq) == (4, 'log2', False)
+    assert cfg.rotate_inputs and not cfg.reparam
     assert cfg.quantize_attention and cfg.keep_input_float and cfg.scope == 'backbone'
+    # a partial dict changes fields of the default, the rest of the recipe stays
+    assert QuantConfig.from_dict(dict(attn_prob=dict(bits=3))).attn_prob.kind == 'log2'
     with pytest.raises(Exception, match='cannot assign'):
         cfg.scope = 'all'
 
@@ -349,7 +355,8 @@ def test_config_from_dict_and_overrides():
     (dict(act=dict(granularity='per_row')), r"choose one of \['per_tensor', 'per_channel'\]"),
     (dict(act=dict(observer='hist')), r"observer='hist' is not valid; choose one of \['minmax'"),
     (dict(attn_prob=dict(kind='log3')), r"kind='log3' is not valid; choose one of"),
-    (dict(attn_prob=dict(kind='log2')), r'set lsq=False'),
+    (dict(act=dict(kind='log2')), r'set lsq=False'),
+    (dict(attn_prob=dict(kind='uniform', lsq=False, observer='x')), r"observer='x'"),
     (dict(wbits=4), r"unknown QuantConfig field\(s\) \['wbits'\]; valid fields are"),
     (dict(act=dict(bitz=4)), r"unknown QuantizerConfig field\(s\) \['bitz'\]"),
     (dict(overrides={'x': {'weights': {}}}), r"unknown key\(s\) \['weights'\]; valid keys"),

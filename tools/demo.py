@@ -393,9 +393,10 @@ def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
     q['weight'] = dict(q.get('weight', {}), bits=opts.wbits)
     for key in ('act', 'attn_prob'):
         q[key] = dict(q.get(key, {}), bits=opts.abits)
-        q[key].setdefault('observer', 'minmax')
         # log quantizers have a fixed scale (the calibrated max): nothing to learn
-        learn = recipe.learn_steps and q[key].get('kind', 'uniform') == 'uniform'
+        from mimiq_mm.quant import QuantConfig
+        kind = q[key].get('kind', getattr(QuantConfig(), key).kind)
+        learn = recipe.learn_steps and kind == 'uniform'
         q[key]['lsq'] = learn
     return q
 

@@ -16,15 +16,10 @@ custom_imports = dict(
 
 # ---- what to quantize and from which float model ------------------------------------
 teacher_checkpoint = 'checkpoints/demo/maskrcnn_swin_demo.pth'
-quant_cfg = dict(  # fields of mimiq_mm.quant.QuantConfig (MIMIQ.md §2 defaults)
-    # Activation steps start from min-max ranges and are learnt (LSQ) in fine-tuning; the
-    # post-softmax probabilities get a log2 quantizer. Chosen by benchmarks/recipe_sweep.py
-    # (H100, W4A4, results/recipe_sweep/): min-max + log2 was the best of min-max, MSE,
-    # percentile, log2 and LayerNorm-reparam variants on this teacher (full MimiQ 13.8/12.2
-    # vs 13.3/11.4 bbox/segm mAP with a uniform grid); the 2*mean|x|/sqrt(Qmax) LSQ init
-    # scored lower still.
-    weight=dict(bits=4), act=dict(bits=4, observer='minmax'),
-    attn_prob=dict(bits=4, observer='minmax', kind='log2', lsq=False), scope='backbone')
+# The one default recipe of mimiq_mm.quant.QuantConfig (rotated inputs, MSE ranges, log2
+# post-softmax grid; chosen on the real-backbone and demo teachers, see
+# benchmarks/results/real_backbone/): only the bit widths and the scope are set here.
+quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4), scope='backbone')
 
 model = dict(
     _delete_=True,

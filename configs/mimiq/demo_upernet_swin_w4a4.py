@@ -12,14 +12,10 @@ custom_imports = dict(
 
 # ---- what to quantize and from which float model ------------------------------------
 teacher_checkpoint = 'checkpoints/demo/upernet_swin_demo.pth'
-quant_cfg = dict(
-    # Activation steps start from percentile ranges (clipped) and are learnt (LSQ) in
-    # fine-tuning. Chosen by benchmarks/recipe_sweep.py (H100, W4A4, results/recipe_sweep/):
-    # percentile was the best of min-max, MSE, percentile, log2 and LayerNorm-reparam
-    # variants on this teacher (full MimiQ 32.1 mIoU; min-max PTQ 13.3); the
-    # 2*mean|x|/sqrt(Qmax) LSQ init scored lower (tools/demo.py measures).
-    weight=dict(bits=4), act=dict(bits=4, observer='percentile'),
-    attn_prob=dict(bits=4, observer='minmax'), scope='backbone')
+# The one default recipe of mimiq_mm.quant.QuantConfig (rotated inputs, MSE ranges, log2
+# post-softmax grid; chosen on the real-backbone and demo teachers, see
+# benchmarks/results/real_backbone/): only the bit widths and the scope are set here.
+quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4), scope='backbone')
 
 model = dict(
     _delete_=True,

@@ -100,8 +100,12 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
             keep = cfg.keep_input_float and fqn == input_layer
             observe = (isinstance(module, nn.Linear) and id(module) in reparam_linears
                        and cfg.act.granularity == 'per_tensor' and cfg.act.kind == 'uniform')
+            # reparam'd inputs keep their (folded) channels; every other Linear input is
+            # rotated when asked (mimiq_mm.quant.rotation)
+            rotate = (cfg.rotate_inputs and isinstance(module, nn.Linear) and not keep
+                      and id(module) not in reparam_linears and module.in_features > 1)
             new = cls.from_float(module, cfg, keep_input_float=keep,
-                                 observe_input_channels=observe)
+                                 observe_input_channels=observe, rotate_input=rotate)
             new.is_network_input = keep  # checked by calibration_mode
         for qname, q in new.named_modules():
             if isinstance(q, Quantizer):
@@ -254,7 +258,7 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
                 apply_calibrated_reparam_(model)
             for _, module in quant_modules(model):
                 if isinstance(module, (QuantLinear, QuantConv2d)):
-                    module.weight_quantizer.calibrate_from(module.weight)
+                    module.weight_quantizer.calibrate_from(module.effective_weight())
             missing = [q.name or '?' for q in qs
                        if not q.is_weight and not q.compute_qparams()]
         if first_called and not getattr(first_called[0], 'is_network_input', False):

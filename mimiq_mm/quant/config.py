@@ -2,8 +2,10 @@
 
 ``QuantizerConfig`` describes one quantizer (weights, activations or attention
 probabilities); ``QuantConfig`` the whole recipe applied by ``quantize_``. Defaults follow
-MIMIQ.md: W4/A4, per-output-channel symmetric min-max weights, per-tensor LSQ activations,
-both attention products quantized, LayerNorm/softmax/GELU and the network input float.
+MIMIQ.md (W4/A4, per-output-channel symmetric weights, per-tensor LSQ activations, both
+attention products quantized, LayerNorm/softmax/GELU and the network input float) with the
+range estimators and input rotation that hold on real pretrained backbones (see
+``default_weight_config``).
 """
 import dataclasses
 import re
@@ -143,18 +145,28 @@ def _replace(cfg, changes: Mapping):
     return dataclasses.replace(cfg, **dict(changes))
 
 
+# The ONE default recipe (issue: real pretrained backbones). Chosen on the DINOv2 ViT-S/14
+# teachers and the demo Swins (benchmarks/results/real_backbone/): every Linear / attention
+# matmul input is rotated (rotate_inputs), weight and activation ranges come from the MSE
+# clipping search, the post-softmax probabilities get a log2 grid. Activation steps are
+# learnt (LSQ) during fine-tuning, starting from the calibrated ranges.
 def default_weight_config() -> QuantizerConfig:
     return QuantizerConfig(bits=4, granularity='per_channel', symmetric=True,
-                           signedness='signed', observer='minmax', lsq=False)
+                           signedness='signed', observer='mse', lsq=False)
 
 
 def default_act_config() -> QuantizerConfig:
     return QuantizerConfig(bits=4, granularity='per_tensor', symmetric=True,
-                           signedness='auto', observer='lsq', lsq=True)
+                           signedness='auto', observer='mse', lsq=True)
+
+
+def default_attn_prob_config() -> QuantizerConfig:
+    return QuantizerConfig(bits=4, granularity='per_tensor', symmetric=True,
+                           signedness='auto', observer='minmax', lsq=False, kind='log2')
 
 
 _DEFAULTS = {'weight': default_weight_config, 'act': default_act_config,
-             'attn_prob': default_act_config}
+             'attn_prob': default_attn_prob_config}
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,10 @@ class QuantConfig:
         reparam: RepQ-ViT-style per-channel scale reparameterisation of post-LayerNorm
             activations into the LayerNorm affine and the following Linear(s), applied at
             the end of calibration.
+        rotate_inputs: quantize ``x R`` and ``W R`` for an orthogonal ``R`` (same float
+            output) in every Linear whose input is quantized, except those the LayerNorm
+            reparam handles (``reparam=True``): sparse heavy-tailed inputs (post-GELU) and
+            outlier channels become near-Gaussian for the grid (:mod:`mimiq_mm.quant.rotation`).
         keep_input_float: the first Conv2d/Linear that sees the image keeps its input float
             (its weights are still quantized).
         input_layer: fully-qualified name of that layer; ``None`` = the first Conv2d/Linear
@@ -182,11 +198,12 @@ class QuantConfig:
     """
     weight: QuantizerConfig = field(default_factory=default_weight_config)
     act: QuantizerConfig = field(default_factory=default_act_config)
-    attn_prob: QuantizerConfig = field(default_factory=default_act_config)
+    attn_prob: QuantizerConfig = field(default_factory=default_attn_prob_config)
     quantize_attention: bool = True
     scope: str = 'backbone'
     overrides: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = ()
     reparam: bool = False
+    rotate_inputs: bool = True
     keep_input_float: bool = True
     input_layer: Optional[str] = None
 
@@ -200,7 +217,7 @@ class QuantConfig:
                 raise ValueError(f'{name} must be a QuantizerConfig or a dict of its fields, '
                                  f'got {type(value).__name__}')
         _check_choice('scope', self.scope, SCOPES)
-        for name in ('quantize_attention', 'reparam', 'keep_input_float'):
+        for name in ('quantize_attention', 'reparam', 'rotate_inputs', 'keep_input_float'):
             _check_choice(name, getattr(self, name), (True, False))
         if self.input_layer is not None and not isinstance(self.input_layer, str):
             raise ValueError(f'input_layer must be a module name (str) or None, got '

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .quantizers import Quantizer
+from .rotation import InputRotation, shared_rotation
 
 
 class MatMul(nn.Module):
@@ -44,7 +45,7 @@ class _QuantWeightMixin:
     @classmethod
     def from_float(cls, module: nn.Module, cfg: Optional[QuantConfig] = None,
                    keep_input_float: bool = False,
-                   observe_input_channels: bool = False):
+                   observe_input_channels: bool = False, rotate_input: bool = False):
         """Quantized twin of ``module`` sharing its ``weight`` / ``bias`` Parameters.
 
         Args:
@@ -53,6 +54,8 @@ class _QuantWeightMixin:
             keep_input_float: leave the input unquantized (``quantize_`` sets it for the
                 layer that sees the network input when ``cfg.keep_input_float``).
             observe_input_channels: collect per-channel input statistics (LayerNorm reparam).
+            rotate_input: quantize ``x R`` and ``W R`` (orthogonal ``R``, same float output;
+                :mod:`mimiq_mm.quant.rotation`); Linear only.
         """
         float_base = cls._float_base
         if not isinstance(module, float_base):
@@ -72,6 +75,11 @@ class _QuantWeightMixin:
         new.input_quantizer = _make_input_quantizer(
             cfg, bool(keep_input_float), new._in_channels(), new._INPUT_CHANNEL_AXIS,
             observe_input_channels)
+        if rotate_input and not isinstance(module, nn.Linear):
+            raise ValueError('rotate_input is supported for Linear layers only')
+        # ``InputRotation`` of the input (and of the weight's input axis) or None
+        new.input_rotation = (InputRotation(new._in_channels()).to(module.weight.device)
+                              if rotate_input else None)
         return new
 
     def to_float(self) -> nn.Module:
@@ -83,7 +91,20 @@ class _QuantWeightMixin:
         return module
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight as the weight quantizer sees it: ``W``, or ``W R`` when the input is
+        rotated (the same float product with the rotated input)."""
+        if self.input_rotation is None:
+            return self.weight
+        return self.input_rotation(self.weight)
+
+    def weight_from_effective(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`effective_weight` (loading exported integer weights)."""
+        return w if self.input_rotation is None else self.input_rotation.inverse(w)
 
     @torch.no_grad()
     def sync_weight_qparams(self) -> None:
@@ -98,7 +119,7 @@ class _QuantWeightMixin:
         wq = self.weight_quantizer
         if wq.is_initialized and not wq.cfg.lsq:
             if self.weight._version != getattr(self, '_weight_version', None):
-                wq.calibrate_from(self.weight.detach())
+                wq.calibrate_from(self.effective_weight().detach())
                 self._weight_version = self.weight._version
 
     def mark_weight_qparams_current(self) -> None:
@@ -110,7 +131,7 @@ class _QuantWeightMixin:
 
     def _quant_weight(self) -> torch.Tensor:
         self.sync_weight_qparams()
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self.effective_weight())
 
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
@@ -163,6 +184,8 @@ class QuantMatMul(MatMul):
                                  f"overrides={{'*_matmul': {{'{name}': "
                                  f"{{'granularity': 'per_tensor'}}}}}}")
         self.role = role
+        # q·kᵀ = (q R)(k R)ᵀ and attn·v = (attn·(v R)) Rᵀ over the head dimension
+        self.rotate = bool(cfg.rotate_inputs) and role in ('qk', 'av')
         self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act)
         self.b_quantizer = Quantizer(cfg.act)
         self._float_module = None
@@ -184,7 +207,14 @@ class QuantMatMul(MatMul):
         return module
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+        if not self.rotate:
+            return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+        if self.role == 'qk':  # a: q (.., N, d), b: kᵀ (.., d, M)
+            rot = shared_rotation(a.shape[-1], a.device, a.dtype)
+            return torch.matmul(self.a_quantizer(rot(a)),
+                                self.b_quantizer(rot(b.transpose(-2, -1)).transpose(-2, -1)))
+        rot = shared_rotation(b.shape[-1], b.device, b.dtype)  # av: b is v (.., M, d)
+        return rot.inverse(torch.matmul(self.a_quantizer(a), self.b_quantizer(rot(b))))
 
     def extra_repr(self) -> str:
-        return f'role={self.role}'
+        return f'role={self.role}' + (', rotated' if self.rotate else '')

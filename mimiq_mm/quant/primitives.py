@@ -175,7 +175,10 @@ def fake_quantize_log(x: Tensor, scale: Tensor, bits: int, levels_per_octave: in
     tiny = torch.finfo(x.dtype).tiny
     ratio = torch.clamp(x, min=tiny) / scale
     code = round_ste(-levels_per_octave * torch.log2(ratio))
-    code_c = torch.clamp(code, 0, max_code)
+    # clip with where, not clamp: torch.clamp passes no gradient at its bounds, and code 0
+    # holds the LARGEST probabilities of every row (x within half a level of the scale)
+    code_c = torch.where(code < 0, torch.zeros_like(code),
+                         torch.where(code > max_code, torch.full_like(code, max_code), code))
     dequant = scale * torch.exp2(-code_c / levels_per_octave)
     return torch.where(code > max_code, torch.zeros_like(dequant), dequant)
 
