@@ -75,6 +75,9 @@ VARIANTS = {
     'rot_mse_8': ('rot_mse at 8-bit activations (weights at --bits)',
                   dict(weight=dict(observer='mse'), act=dict(observer='mse', bits=8),
                        attn_prob=dict(bits=8), rotate_inputs=True)),
+    'no_rotation': ('inputs not rotated (rotate_inputs=False)', dict(rotate_inputs=False)),
+    'a_minmax': ('activation ranges from min-max', dict(act=dict(observer='minmax'))),
+    'w_minmax': ('weight ranges from min-max', dict(weight=dict(observer='minmax'))),
     # one input kind at 8 bits at a time (mmdet/mmseg Swin and timm ViT names)
     'qkv_in8': ('qkv input (post-LayerNorm) at 8 bits',
                 dict(overrides={'*w_msa.qkv': dict(act=dict(bits=8)),

@@ -140,3 +140,36 @@ def test_convert_from_a_given_wheel_is_idempotent(tmp_path, monkeypatch):
     got = torch.load(out, weights_only=True)
     assert got['meta']['wheel_sha256'] == pre.DINOV2_VITS14.wheel_sha256
     assert all(torch.equal(got['state_dict'][k], v) for k, v in ref['state_dict'].items())
+
+
+def _distiller_cfg(checkpoint):
+    from mmengine.config import Config
+
+    from mimiq_mm.engine import apply_mimiq_fields
+    cfg = Config.fromfile('configs/mimiq/demo_maskrcnn_dinov2_w4a4.py')
+    cfg.teacher_checkpoint = checkpoint
+    return apply_mimiq_fields(cfg).model
+
+
+def test_shipped_teacher_loads_with_its_pretrained_backbone(backbone):
+    """The shipped file holds neck + heads only; the loader puts the converted backbone
+    back (checked by value) and the strict load passes."""
+    import mimiq_mm.models  # noqa: F401
+    from mimiq_mm.registry import MODELS
+    ckpt = torch.load('checkpoints/dinov2/maskrcnn_dinov2_demo.pth', weights_only=True)
+    assert not any(k.startswith('backbone.vit.') for k in ckpt['state_dict'])
+    assert ckpt['meta']['frozen_pretrained'] == [
+        dict(prefix='backbone.vit.', name='dinov2_vits14_imgfocus')]
+    model = MODELS.build(_distiller_cfg('checkpoints/dinov2/maskrcnn_dinov2_demo.pth'))
+    teacher = model.teacher.state_dict()
+    for k, v in backbone.vit.state_dict().items():
+        assert torch.equal(teacher[f'backbone.vit.{k}'], v), k
+    for k, v in ckpt['state_dict'].items():
+        assert torch.equal(teacher[k], v), k
+
+
+def test_teacher_checkpoint_of_another_backbone_is_refused(tmp_path):
+    import mimiq_mm.models  # noqa: F401
+    from mimiq_mm.registry import MODELS
+    with pytest.raises(RuntimeError, match='does not match the teacher model'):
+        MODELS.build(_distiller_cfg('checkpoints/demo/maskrcnn_swin_demo.pth'))

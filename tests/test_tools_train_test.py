@@ -271,3 +271,31 @@ def test_real_swin_t_mask_rcnn_config_builds(tmp_path):
     assert len(list(quantizers(model.student))) > 100
     assert not {id(p) for p in model.parameters()} & {id(p) for p in model.teacher.parameters()}
     assert type(model.data_preprocessor).__name__ == 'DetDataPreprocessor'
+
+
+def test_keep_best_hook_holds_images_out_and_keeps_the_better_student(demo_root, tmp_path):
+    """MimiQKeepBestHook: the last synthetic images are not trained on; a fine-tuning that
+    raises their distillation loss (lr far too high) ends with the calibrated student, in
+    memory and in the final checkpoint; keep_best.json records both losses."""
+    import json
+    train = _tool('train')
+    t_cfg = _det_teacher_cfg(demo_root)
+    t_file = _dump(t_cfg, tmp_path / 'teacher_cfg.py')
+    train.main([t_file, '--work-dir', str(tmp_path / 'teacher')])
+    from mimiq_mm.testing import tiny_mimiq_cfg
+    cfg = tiny_mimiq_cfg(t_cfg, tmp_path / 'teacher' / 'iter_2.pth', tmp_path / 'synthetic',
+                         max_iters=3, num_images=8, batch_size=2, ckpt_interval=3)
+    cfg.custom_hooks.append(dict(type='mimiq_mm.MimiQKeepBestHook', holdout_images=2))
+    cfg.optim_wrapper.optimizer.lr = 10.0  # wrecks the student
+    m_file = _dump(cfg, tmp_path / 'mimiq.py')
+    work = tmp_path / 'run'
+    runner = train.main([m_file, '--work-dir', str(work)])
+    record = json.loads((work / 'keep_best.json').read_text())
+    assert record['heldout_images'] == 2
+    assert record['heldout_finetuned'] > record['heldout_ptq']
+    assert record['kept'] == 'ptq'
+    ptq = torch.load(work / 'ptq_student.pth', weights_only=True)
+    final = _student_state(work / 'iter_3.pth')
+    assert all(torch.equal(final['student.' + k], v) for k, v in ptq.items())
+    if runner is not None:  # the train dataset left the held-out images out
+        assert len(runner.train_dataloader.dataset) == 6

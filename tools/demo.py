@@ -509,6 +509,16 @@ class _PhaseTimes:
             def before_train(self, runner):
                 outer.calibrated = time.perf_counter()
 
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                # progress on the terminal (the Runner's own log goes to stage.log)
+                total = runner.train_loop.max_iters
+                done = runner.iter + 1
+                if done == total or done % max(1, total // 6) == 0:
+                    loss = float((outputs or {}).get('loss', float('nan')))
+                    per_it = (time.perf_counter() - outer.calibrated) / done
+                    print(f'    fine-tuning {done}/{total}: loss {loss:.4f} '
+                          f'({per_it:.2f} s/it)', file=sys.__stdout__, flush=True)
+
             def after_train(self, runner):
                 outer.finished = time.perf_counter()
         return PhaseTimesHook()

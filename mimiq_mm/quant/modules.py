@@ -110,16 +110,17 @@ class _QuantWeightMixin:
     def sync_weight_qparams(self) -> None:
         """Bring a range-based (non-LSQ) weight quantizer up to date with the weight.
 
-        Its per-channel range is a function of the weight, so it is recomputed whenever the
-        weight changed in place (an optimizer step, a state_dict load) since the last time;
-        otherwise fine-tuning would clip every weight that grows past its calibration-time
-        range. Tracked by the Parameter's version counter: free while the weight stays the
+        Its per-channel range is a function of the weight, so it follows the weight whenever
+        it changed in place (an optimizer step, a state_dict load) since the last time
+        (``Quantizer.follow_weight_``: min-max recomputed, an MSE-searched range rescaled
+        with the channel's absmax); otherwise fine-tuning would clip every weight that grows
+        past its calibration-time range. Tracked by the Parameter's version counter: free while the weight stays the
         same (evaluation). Called by forward and by the exporter.
         """
         wq = self.weight_quantizer
         if wq.is_initialized and not wq.cfg.lsq:
             if self.weight._version != getattr(self, '_weight_version', None):
-                wq.calibrate_from(self.effective_weight().detach())
+                wq.follow_weight_(self.effective_weight().detach())
                 self._weight_version = self.weight._version
 
     def mark_weight_qparams_current(self) -> None:

@@ -146,6 +146,28 @@ class Quantizer(nn.Module):
         self.observer(x)
         return self.compute_qparams()
 
+    @torch.no_grad()
+    def follow_weight_(self, w: Tensor) -> bool:
+        """Move a calibrated weight range along with the weight, cheaply: the per-channel
+        step is rescaled by how much the channel's absmax moved, so the clipping ratio that
+        calibration chose (the MSE search, ``observer='mse'``) is kept without searching
+        again at every fine-tuning step. Min-max ranges are recomputed exactly (the same
+        thing); returns False when the quantizer was never calibrated."""
+        if not self._initialized:
+            return self.calibrate_from(w)
+        if self.cfg.observer == 'minmax' or self.cfg.lsq:
+            return self.calibrate_from(w)
+        obs = self.observer
+        old = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
+        obs.reset()
+        obs(w)
+        new = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
+        factor = torch.where(old > 0, new / old.clamp(min=torch.finfo(old.dtype).tiny),
+                             torch.ones_like(old))
+        param = self._qparam()
+        param.data.mul_(factor.reshape(param.shape).to(param.dtype))
+        return True
+
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:

@@ -6,12 +6,14 @@ channels: the sparse, heavy-tailed post-GELU activations of a pretrained ViT (fc
 most values near 0, a few at 15-20) and the outlier channels after a LayerNorm become close
 to Gaussian, which a 4-bit uniform grid with a clipped range represents far better
 (measured on the DINOv2 ViT-S/14 backbone: a 4-bit fc2 input alone, everything else at
-8 bits, keeps a final-feature cosine of 0.10 unrotated, 0.97 rotated; benchmarks/results/).
+8 bits, keeps a final-feature cosine of 0.10 unrotated, 0.95 rotated;
+benchmarks/feature_fidelity.py).
 
 ``R = diag(s) · (A ⊗ H)``: random signs ``s``, a random orthogonal ``A`` (m x m) for the odd
 part of the width and a normalised Sylvester Hadamard ``H`` (p x p, p the largest power of 2
 dividing the width), so it is applied in ``O(d (m + p))`` instead of ``O(d²)``. Everything
-is a deterministic function of (width, seed) and lives in buffers (saved, exported).
+is a deterministic function of (width, seed): its buffers are not saved in checkpoints or
+exports; ``quantize_`` rebuilds the same rotation.
 """
 import math
 
@@ -52,9 +54,10 @@ class InputRotation(nn.Module):
         m, p = _split(self.dim)
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + self.dim)
         signs = torch.randint(0, 2, (self.dim,), generator=gen, dtype=torch.float64) * 2 - 1
-        self.register_buffer('signs', signs.float())
-        self.register_buffer('odd', random_orthogonal(m, gen).float())
-        self.register_buffer('hadamard', sylvester_hadamard(p).float())
+        # not saved: a deterministic function of (dim, seed), rebuilt by quantize_
+        self.register_buffer('signs', signs.float(), persistent=False)
+        self.register_buffer('odd', random_orthogonal(m, gen).float(), persistent=False)
+        self.register_buffer('hadamard', sylvester_hadamard(p).float(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.dim:
