@@ -466,24 +466,24 @@ def stage_config(spec: TaskSpec, recipe: Recipe, opts: Options, data_root: Path,
 
 def quant_summary(task: str, cfg_options: dict) -> str:
     """How the quantized rows of ``task`` were configured, in words (its demo MimiQ config
-    + --cfg-options)."""
+    + --cfg-options, resolved through ``QuantConfig``: fields a config leaves out are the
+    defaults)."""
     from mmengine.config import Config
-    base = Config.fromfile(_resolve(TASKS[task].mimiq_config)).quant_cfg
-    opts = {k[len('quant_cfg.'):]: v for k, v in cfg_options.items()
-            if k.startswith('quant_cfg.')}
-    act_obs = opts.get('act.observer', base.act.get('observer', 'minmax'))
-    prob_kind = opts.get('attn_prob.kind', base.attn_prob.get('kind', 'uniform'))
-    prob_obs = opts.get('attn_prob.observer', base.attn_prob.get('observer', 'minmax'))
-    reparam = opts.get('reparam', base.get('reparam', False))
-    text = (f'weights per-channel min-max; activations per-tensor, ranges from the '
-            f'`{act_obs}` observer; post-softmax probabilities '
-            + (f'log quantizer `{prob_kind}`' if prob_kind != 'uniform'
-               else f'uniform, `{prob_obs}` observer')
-            + f'; LayerNorm reparam {"on" if reparam else "off"}. PTQ rows keep the '
-            'calibrated ranges; fine-tuned rows learn the uniform steps (LSQ) from them')
-    other = {k: v for k, v in cfg_options.items()
-             if k not in {f'quant_cfg.{n}' for n in ('act.observer', 'attn_prob.kind',
-                                                     'attn_prob.observer', 'reparam')}}
+
+    from mimiq_mm.quant import QuantConfig
+    cfg = Config.fromfile(_resolve(TASKS[task].mimiq_config))
+    if cfg_options:
+        cfg.merge_from_dict({k: v for k, v in cfg_options.items()
+                             if k.startswith('quant_cfg.')})
+    q = QuantConfig.from_dict(cfg.quant_cfg.to_dict())
+    text = (f'weights per-channel, `{q.weight.observer}` ranges; activations per-tensor, '
+            f'`{q.act.observer}` ranges; post-softmax probabilities '
+            + (f'log quantizer `{q.attn_prob.kind}`' if q.attn_prob.kind != 'uniform'
+               else f'uniform, `{q.attn_prob.observer}` ranges')
+            + f'; inputs rotated: {"yes" if q.rotate_inputs else "no"}; LayerNorm reparam '
+            f'{"on" if q.reparam else "off"}. PTQ rows keep the calibrated ranges; fine-tuned '
+            'rows learn the uniform steps (LSQ) from them')
+    other = {k: v for k, v in (cfg_options or {}).items() if not k.startswith('quant_cfg.')}
     if other:
         text += f'; other overrides: {other}'
     return text
