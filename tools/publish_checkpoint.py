@@ -40,8 +40,9 @@ def main(argv=None):
         from mimiq_mm.models.dinov2 import strip_frozen_pretrained
         prefixes = dict(item.split('=', 1) for item in args.frozen_pretrained)
         state, frozen = strip_frozen_pretrained(state, prefixes)
+    from mimiq_mm.models.dinov2 import FROZEN_PRETRAINED_META
     out = dict(state_dict=state,
-               meta=dict(frozen_pretrained=frozen or None,
+               meta=dict(**{FROZEN_PRETRAINED_META: frozen or None},
                          dataset_meta=meta.get('dataset_meta'), epoch=meta.get('epoch'),
                          iter=meta.get('iter'), mmengine_version=meta.get('mmengine_version'),
                          source=os.path.basename(args.src)))

@@ -169,20 +169,12 @@ class DINOv2Pyramid(BaseModule):
         return self
 
 
-def frozen_pretrained_prefixes(model: nn.Module):
-    """``{state-dict prefix: pretrained name}`` of every frozen ``DINOv2Pyramid`` in model."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, DINOv2Pyramid) and mod.frozen and mod.pretrained:
-            out[f'{name}.vit.' if name else 'vit.'] = mod.pretrained
-    return out
-
-
 def strip_frozen_pretrained(state: dict, prefixes: dict):
     """(state without the frozen pretrained weights, meta entry recording them).
 
     ``prefixes`` maps a state-dict prefix to pretrained weights (e.g.
-    ``{'backbone.vit.': 'dinov2_vits14_imgfocus'}``, see :func:`frozen_pretrained_prefixes`).
+    ``{'backbone.vit.': 'dinov2_vits14_imgfocus'}``; the ``vit`` of a frozen
+    ``DINOv2Pyramid`` at ``backbone``).
     A teacher trained with a frozen backbone ships only what it learnt; the teacher loader
     (``utils.checkpoint.load_teacher_weights``) puts the converted weights back before its
     strict load. Weights that differ from the pretrained ones (a backbone that was not

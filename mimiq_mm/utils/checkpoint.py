@@ -195,9 +195,10 @@ def load_teacher_weights(model: nn.Module, path: str, cfg_key: str = 'teacher_ch
     if not isinstance(state, dict):
         raise ValueError(f'{cfg_key}={path!r} holds no state_dict')
     state = {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
-    frozen = (ckpt.get('meta') or {}).get('frozen_pretrained') if isinstance(ckpt, dict) else None
+    from mimiq_mm.models.dinov2 import FROZEN_PRETRAINED_META, restore_frozen_pretrained
+    frozen = ((ckpt.get('meta') or {}).get(FROZEN_PRETRAINED_META)
+              if isinstance(ckpt, dict) else None)
     if frozen:  # a teacher shipped without its frozen pretrained backbone: put it back
-        from mimiq_mm.models.dinov2 import restore_frozen_pretrained
         state = restore_frozen_pretrained(state, frozen)
     if state and all(k.startswith('student.') for k in state
                      if not k.startswith('data_preprocessor.')):
