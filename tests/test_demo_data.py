@@ -240,3 +240,27 @@ def test_command_line_tool(tmp_path, capsys):
     assert 'Wrote' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='--size 256 256'):
         tool.main(['--out', str(tmp_path / 'e'), '--size', '8', '8'])
+
+
+GENERATE_CHILD = (
+    'import sys, json\n'
+    'from mimiq_mm.datasets.demo_data import DemoDataConfig, generate_demo_data\n'
+    'm = generate_demo_data(sys.argv[1], DemoDataConfig(seed=3, num_train=8, num_val=7, '
+    'size=(96, 112)), workers=1)\n'
+    'print(json.dumps(m["skipped"]))\n')
+
+
+def test_concurrent_generation_into_one_folder_takes_turns(tmp_path):
+    """Parallel benchmark processes asking for the same demo folder: one generates, the
+    others wait and reuse it (before the lock, a second process deleted the first's files
+    under it: FileNotFoundError / 'holds 0 val images')."""
+    import subprocess
+    import sys
+    out = tmp_path / 'shared'
+    procs = [subprocess.Popen([sys.executable, '-c', GENERATE_CHILD, str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert sorted(o.strip() for o, _ in results) == ['false', 'true', 'true']
+    assert demo_data_is_current(out, SMALL)

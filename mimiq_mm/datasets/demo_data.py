@@ -38,8 +38,10 @@ file, and :func:`generate_demo_data` skips the work when the folder already matc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import fcntl
 import io
 import json
 import math
@@ -597,6 +599,30 @@ def generate_demo_data(out_dir, config: DemoDataConfig = DemoDataConfig(), *,
         manifest = json.loads((out_dir / _MANIFEST).read_text())
         manifest['skipped'] = True
         return manifest
+    # Processes asking for the same folder at once (parallel benchmark runs) take turns: the
+    # first generates, the others then find the finished set instead of deleting it under it
+    with _generation_lock(out_dir):
+        if not force and demo_data_is_current(out_dir, config):
+            manifest = json.loads((out_dir / _MANIFEST).read_text())
+            manifest['skipped'] = True
+            return manifest
+        return _generate(out_dir, config, workers)
+
+
+@contextlib.contextmanager
+def _generation_lock(out_dir: Path):
+    """Exclusive inter-process lock on ``<out_dir>.lock`` (beside the folder, so the folder
+    itself stays exactly what the manifest lists)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f'{out_dir.name}.lock', 'a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(out_dir: Path, config: DemoDataConfig, workers: Optional[int]) -> dict:
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     start = time.perf_counter()
