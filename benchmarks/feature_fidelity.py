@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MINMAX = dict(observer='minmax', lsq=False)
+MINMAX = dict(observer='minmax', lsq=False, granularity='per_tensor')
 A8 = dict(act=dict(bits=8, **MINMAX), attn_prob=dict(bits=8, **MINMAX))
 OLD = dict(weight=dict(observer='minmax'), rotate_inputs=False)  # before the default changed
 
@@ -43,13 +43,18 @@ VARIANTS = {
     'fc2_only4': ('only the fc2 inputs (post-GELU) at 4 bits', _only4('*mlp.fc2')),
     'fc2_only4_rot': ('fc2 inputs at 4 bits, rotated', _only4('*mlp.fc2', rotate=True)),
     'w4a4_old_default': ('W4A4, the previous QuantConfig() ranges (min-max weights, LSQ-init '
-                         'activations), no rotation', dict(OLD, attn_prob=dict(kind='uniform',
-                                                                             lsq=True,
-                                                                             observer='lsq'))),
+                         'activations), no rotation',
+                         dict(OLD, act=dict(observer='lsq', granularity='per_tensor'),
+                              attn_prob=dict(kind='uniform', lsq=True, observer='lsq'))),
     'w4a4_reparam_pct_log2': ('W4A4 percentile + log2 + LayerNorm reparam (the issue\'s best '
-                              'before)', dict(OLD, act=dict(observer='percentile', lsq=False),
+                              'before)', dict(OLD, act=dict(observer='percentile', lsq=False,
+                                                            granularity='per_tensor'),
                                               reparam=True)),
-    'w4a4_default': ('W4A4, QuantConfig() (rotated inputs, MSE ranges, log2)', dict()),
+    'w4a4_per_tensor_mse': ('W4A4, rotated inputs, per-tensor MSE activation ranges, log2 (the '
+                            'default until the per-token change)',
+                            dict(act=dict(observer='mse', granularity='per_tensor'))),
+    'w4a4_default': ('W4A4, QuantConfig() (rotated inputs, dynamic per-token activation '
+                     'steps, MSE weight ranges, log2)', dict()),
 }
 
 

@@ -29,31 +29,35 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import accuracy  # noqa: E402  (benchmarks/accuracy.py)
 from mimiq_mm.utils.report import machine_info, read_json, write_json  # noqa: E402
 
+# every variant below is a per-TENSOR activation recipe (chosen before the default became
+# dynamic per-token steps, 2026-12-01); 'default' is QuantConfig() as it is now
+PT = {'quant_cfg.act.granularity': 'per_tensor'}
 VARIANTS = {
-    'minmax': {},
-    'mse': {'quant_cfg.act.observer': 'mse'},
-    'percentile': {'quant_cfg.act.observer': 'percentile'},
-    'minmax_log2': {'quant_cfg.attn_prob.kind': 'log2'},
-    'mse_log2': {'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
-    'mse_log2_reparam': {'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2',
+    'default': {},
+    'minmax': dict(PT),
+    'mse': {**PT, 'quant_cfg.act.observer': 'mse'},
+    'percentile': {**PT, 'quant_cfg.act.observer': 'percentile'},
+    'minmax_log2': {**PT, 'quant_cfg.attn_prob.kind': 'log2'},
+    'mse_log2': {**PT, 'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
+    'mse_log2_reparam': {**PT, 'quant_cfg.act.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2',
                          'quant_cfg.reparam': True},
     # candidates for one default that survives real pretrained statistics (issue: real
     # backbones): RepQ-ViT's pieces (LayerNorm reparam, log-sqrt2 softmax grid) with MSE
     # (clipping-ratio search) weight and activation ranges
-    'pct_log2_reparam': {'quant_cfg.act.observer': 'percentile',
+    'pct_log2_reparam': {**PT, 'quant_cfg.act.observer': 'percentile',
                          'quant_cfg.attn_prob.kind': 'log2', 'quant_cfg.reparam': True},
-    'wmse_mse_sqrt2_reparam': {'quant_cfg.weight.observer': 'mse',
+    'wmse_mse_sqrt2_reparam': {**PT, 'quant_cfg.weight.observer': 'mse',
                                'quant_cfg.act.observer': 'mse',
                                'quant_cfg.attn_prob.kind': 'log_sqrt2',
                                'quant_cfg.reparam': True},
-    'wmse_pct_sqrt2_reparam': {'quant_cfg.weight.observer': 'mse',
+    'wmse_pct_sqrt2_reparam': {**PT, 'quant_cfg.weight.observer': 'mse',
                                'quant_cfg.act.observer': 'percentile',
                                'quant_cfg.attn_prob.kind': 'log_sqrt2',
                                'quant_cfg.reparam': True},
-    'wmse_mse_log2_reparam': {'quant_cfg.weight.observer': 'mse',
+    'wmse_mse_log2_reparam': {**PT, 'quant_cfg.weight.observer': 'mse',
                               'quant_cfg.act.observer': 'mse',
                               'quant_cfg.attn_prob.kind': 'log2', 'quant_cfg.reparam': True},
-    'wmse_minmax_log2': {'quant_cfg.weight.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
+    'wmse_minmax_log2': {**PT, 'quant_cfg.weight.observer': 'mse', 'quant_cfg.attn_prob.kind': 'log2'},
 }
 PTQ_ROWS = ('ptq_gaussian', 'ptq_mimiq')
 

@@ -156,7 +156,7 @@ def test_quantizer_state_dict_roundtrip_restores_calibration():
 # ----------------------------------------------------------------------------- modules
 def test_quant_linear_roundtrip_keeps_parameters_and_quantizes():
     lin = nn.Linear(8, 5)
-    ql = QuantLinear.from_float(lin, QuantConfig())
+    ql = QuantLinear.from_float(lin, QuantConfig(act=dict(granularity='per_tensor')))
     assert ql.weight is lin.weight and ql.bias is lin.bias
     assert isinstance(ql, nn.Linear) and isinstance(ql.weight_quantizer, Quantizer)
     x = torch.randn(3, 8, generator=_gen(7))
@@ -316,7 +316,7 @@ def test_per_channel_activation_quantizers_for_linear_and_conv():
     xc = torch.randn(2, 4, 3, 3, generator=_gen(31))
     qc.input_quantizer.calibrate_from(xc)
     assert qc.input_quantizer.scale.shape == (4,) and qc.input_quantizer.ch_axis == 1
-    with pytest.raises(ValueError, match="QuantMatMul supports act.granularity='per_tensor'"):
+    with pytest.raises(ValueError, match="QuantMatMul supports act.granularity 'per_tensor' or 'per_token'"):
         QuantMatMul(cfg)
 
 
@@ -371,3 +371,75 @@ def test_rotated_inputs_keep_the_float_function():
         torch.testing.assert_close(mm(a, b), a @ b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match='Linear layers only'):
         QuantConv2d.from_float(nn.Conv2d(3, 4, 3), QuantConfig(), rotate_input=True)
+
+
+# ----------------------------------------------------------------------------- per-token
+PER_TOKEN = QuantizerConfig(bits=4, granularity='per_token', observer='minmax', lsq=True)
+
+
+def test_per_token_quantizer_steps_follow_each_row_absmax():
+    q = Quantizer(PER_TOKEN)
+    x = torch.randn(3, 5, 16, generator=_gen(40)) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
+    assert q.calibrate_from(x) and float(q.step) == 1.0  # min-max: clipping ratio 1
+    y = q(x)
+    step = x.abs().amax(-1, keepdim=True) / 7
+    ref = torch.clamp(torch.round(x / step), -8, 7) * step
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    # every row keeps its own resolution, whatever the scale of the others
+    for i in range(3):
+        err = (y[i] - x[i]).abs().max() / x[i].abs().max()
+        assert err <= 0.5 / 7 + 1e-6
+    # a new input at run time gets new steps: nothing depends on the calibration data
+    x2 = x * 1000
+    torch.testing.assert_close(q(x2), ref * 1000, rtol=1e-5, atol=1e-4)
+
+
+def test_per_token_ratio_is_learnt_and_input_gradient_is_straight_through():
+    q = Quantizer(PER_TOKEN)
+    x = torch.randn(4, 32, generator=_gen(41), requires_grad=True)
+    q.calibrate_from(x.detach())
+    (q(x) - 2 * x.detach()).pow(2).sum().backward()
+    assert q.step.grad is not None and float(q.step.grad.abs()) > 0
+    torch.testing.assert_close(x.grad.abs() > 0, torch.ones_like(x.grad, dtype=torch.bool))
+
+
+def test_per_token_mse_observer_picks_a_clipping_ratio():
+    cfg = PER_TOKEN.replace(observer='mse', mse_steps=11)
+    q = Quantizer(cfg)
+    # heavy-tailed rows (cubed Gaussians): clipping the tail lowers the error of the rest
+    x = torch.randn(64, 256, generator=_gen(42)) ** 3
+    q.calibrate_from(x)
+    ratio = float(q.step)
+    assert 0.5 <= ratio < 1.0
+    err = {}
+    for r in (ratio, 1.0):
+        with torch.no_grad():
+            q.step.fill_(r)
+            err[r] = float((q(x) - x).pow(2).sum())
+    assert err[ratio] < err[1.0]
+
+
+def test_per_token_axes_of_linear_conv_and_matmul_factor_out_of_the_product():
+    cfg = QuantConfig(act=dict(granularity='per_token'), rotate_inputs=False)
+    ql = QuantLinear.from_float(nn.Linear(16, 4), cfg)
+    qc = QuantConv2d.from_float(nn.Conv2d(6, 4, 1), cfg)
+    qm = QuantMatMul(cfg, role='qk')
+    assert ql.input_quantizer.token_axis == -1 and qc.input_quantizer.token_axis == 1
+    assert (qm.a_quantizer.token_axis, qm.b_quantizer.token_axis) == (-1, -2)
+    # b of a matmul: one step per column (over the reduction axis -2)
+    b = torch.randn(2, 8, 5, generator=_gen(43)) * torch.linspace(0.1, 10, 5)
+    qm.b_quantizer.calibrate_from(b)
+    out = qm.b_quantizer(b)
+    step = b.abs().amax(-2, keepdim=True) / 7
+    torch.testing.assert_close(out, torch.clamp(torch.round(b / step), -8, 7) * step)
+    with pytest.raises(ValueError, match="'per_token' is for activations"):
+        Quantizer(PER_TOKEN, ch_axis=0, num_channels=4, is_weight=True)
+
+
+def test_per_token_unsigned_input_uses_the_whole_unsigned_grid():
+    q = Quantizer(PER_TOKEN)
+    x = torch.rand(6, 20, generator=_gen(44)) * 5  # non-negative: 'auto' -> unsigned
+    q.calibrate_from(x)
+    assert bool(q.unsigned) and q.quant_min_max == (0, 15)
+    step = x.amax(-1, keepdim=True) / 15
+    torch.testing.assert_close(q(x), torch.clamp(torch.round(x / step), 0, 15) * step)

@@ -259,7 +259,7 @@ def test_reparam_at_calibration_keeps_float_function(name):
     x = _img(size, seed=3)
     with torch.no_grad():
         ref = run(model, x)
-    quantize_(model, QuantConfig(reparam=True))
+    quantize_(model, QuantConfig(reparam=True, act=dict(granularity='per_tensor')))
     before = {n: m.weight.detach().clone() for n, m in model.backbone.named_modules()
               if isinstance(m, nn.LayerNorm)}
     observed = [q for _, q in quantizers(model) if q.observe_channels]
@@ -296,9 +296,12 @@ FRESH_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_calibrated_state_dict_reproduces_outputs_in_fresh_process(tmp_path):
-    cfg = dict(reparam=True, attn_prob=dict(kind='log2', lsq=False, observer='minmax'),
-               act=dict(observer='percentile', percentile=99.9))
+@pytest.mark.parametrize('cfg', [
+    dict(reparam=True, attn_prob=dict(kind='log2', lsq=False, observer='minmax'),
+         act=dict(observer='percentile', percentile=99.9, granularity='per_tensor')),
+    dict(act=dict(observer='mse')),  # per-token (the default grid) with a searched ratio
+], ids=['reparam_percentile', 'per_token_mse'])
+def test_calibrated_state_dict_reproduces_outputs_in_fresh_process(tmp_path, cfg):
     saved = {'cfg': cfg, 'x': _img(32, seed=11)}
     for name, build in (('vit', tiny_timm_vit), ('swin', tiny_timm_swin)):
         torch.manual_seed(0)
@@ -325,7 +328,7 @@ def test_config_defaults_are_the_one_recipe():
     assert (cfg.weight.bits, cfg.weight.granularity, cfg.weight.symmetric,
             cfg.weight.observer, cfg.weight.lsq) == (4, 'per_channel', True, 'mse', False)
     assert (cfg.act.bits, cfg.act.granularity, cfg.act.observer, cfg.act.lsq) == (
-        4, 'per_tensor', 'mse', True)
+        4, 'per_token', 'minmax', True)
     assert (cfg.attn_prob.bits, cfg.attn_prob.kind, cfg.attn_prob.lsq) == (4, 'log2', False)
     assert cfg.rotate_inputs and not cfg.reparam
     assert cfg.quantize_attention and cfg.keep_input_float and cfg.scope == 'backbone'
@@ -352,7 +355,7 @@ def test_config_from_dict_and_overrides():
 @pytest.mark.parametrize('d, match', [
     (dict(scope='neck'), r"scope='neck' is not valid; choose one of \['backbone', 'all'\]"),
     (dict(weight=dict(bits=1)), r'bits=1 is not valid; choose one of \[2, 3, 4, 5, 6, 7, 8\]'),
-    (dict(act=dict(granularity='per_row')), r"choose one of \['per_tensor', 'per_channel'\]"),
+    (dict(act=dict(granularity='per_row')), r"choose one of \['per_tensor', 'per_channel', 'per_token'\]"),
     (dict(act=dict(observer='hist')), r"observer='hist' is not valid; choose one of \['minmax'"),
     (dict(attn_prob=dict(kind='log3')), r"kind='log3' is not valid; choose one of"),
     (dict(act=dict(kind='log2')), r'set lsq=False'),
@@ -363,6 +366,10 @@ def test_config_from_dict_and_overrides():
     (dict(overrides={'x': {'act': {'bits': 12}}}), r'bits=12 is not valid'),
     (dict(reparam='yes'), r"reparam='yes' is not valid; choose one of \[True, False\]"),
     (dict(act=dict(percentile=30)), r'percentile=30 is not valid'),
+    (dict(act=dict(observer='percentile')), r"per_token' sets its clipping ratio with observer"),
+    (dict(act=dict(symmetric=False)), r"per_token' supports symmetric=True only"),
+    (dict(reparam=True), r"reparam=True .* needs act.granularity='per_tensor'"),
+    (dict(weight=dict(granularity='per_token')), r"'per_token' is for activations"),
 ])
 def test_config_validation_errors(d, match):
     with pytest.raises(ValueError, match=match):

@@ -476,13 +476,17 @@ def quant_summary(task: str, cfg_options: dict) -> str:
         cfg.merge_from_dict({k: v for k, v in cfg_options.items()
                              if k.startswith('quant_cfg.')})
     q = QuantConfig.from_dict(cfg.quant_cfg.to_dict())
-    text = (f'weights per-channel, `{q.weight.observer}` ranges; activations per-tensor, '
-            f'`{q.act.observer}` ranges; post-softmax probabilities '
+    act = ('dynamic per-token steps (absmax at run time'
+           + (', MSE-searched clipping ratio)' if q.act.observer == 'mse' else ')')
+           if q.act.granularity == 'per_token'
+           else f'{q.act.granularity.replace("_", "-")}, `{q.act.observer}` ranges')
+    text = (f'weights per-channel, `{q.weight.observer}` ranges; activations {act}; '
+            f'post-softmax probabilities '
             + (f'log quantizer `{q.attn_prob.kind}`' if q.attn_prob.kind != 'uniform'
                else f'uniform, `{q.attn_prob.observer}` ranges')
             + f'; inputs rotated: {"yes" if q.rotate_inputs else "no"}; LayerNorm reparam '
             f'{"on" if q.reparam else "off"}. PTQ rows keep the calibrated ranges; fine-tuned '
-            'rows learn the uniform steps (LSQ) from them')
+            'rows learn the uniform steps (LSQ; per-token: the clipping ratio) from them')
     other = {k: v for k, v in (cfg_options or {}).items() if not k.startswith('quant_cfg.')}
     if other:
         text += f'; other overrides: {other}'

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Optional, Tuple
 
 from .primitives import MAX_BITS, MIN_BITS
 
-GRANULARITIES = ('per_tensor', 'per_channel')
+GRANULARITIES = ('per_tensor', 'per_channel', 'per_token')
+# range estimators a dynamic per-token quantizer accepts (its clipping ratio of the absmax)
+PER_TOKEN_OBSERVERS = ('minmax', 'mse')
 OBSERVERS = ('minmax', 'percentile', 'ema', 'mse', 'lsq')
 KINDS = ('uniform', 'log2', 'log_sqrt2')
 SIGNEDNESS = ('auto', 'signed', 'unsigned')
@@ -56,7 +58,11 @@ class QuantizerConfig:
 
     Attributes:
         bits: 2..8.
-        granularity: 'per_tensor' or 'per_channel' (weights: output channel).
+        granularity: 'per_tensor', 'per_channel' (weights: output channel) or 'per_token'
+            (activations: a dynamic scale per vector along the product's reduction axis,
+            its absmax at run time times a calibrated clipping ratio; the ratio, not a step,
+            is what calibration sets and LSQ learns: observer 'minmax' = 1, 'mse' = the
+            ratio with the smallest Lp error on the calibration data).
         symmetric: zero point 0 (True) or affine with a zero point (False).
         signedness: 'auto' = unsigned grid when the calibrated input is non-negative,
             else signed; or force 'signed' / 'unsigned'.
@@ -106,6 +112,13 @@ class QuantizerConfig:
                              'e.g. 2.0')
         if not isinstance(self.mse_steps, int) or self.mse_steps < 2:
             raise ValueError(f'mse_steps={self.mse_steps!r} is not valid; use an int >= 2')
+        if self.granularity == 'per_token':
+            if self.observer not in PER_TOKEN_OBSERVERS:
+                raise ValueError(f"granularity='per_token' sets its clipping ratio with "
+                                 f"observer {list(PER_TOKEN_OBSERVERS)}, got "
+                                 f"observer={self.observer!r}")
+            if not self.symmetric:
+                raise ValueError("granularity='per_token' supports symmetric=True only")
         if self.kind != 'uniform':
             if self.lsq:
                 raise ValueError(f"kind={self.kind!r} has a fixed scale; set lsq=False "
@@ -147,17 +160,19 @@ def _replace(cfg, changes: Mapping):
 
 # The ONE default recipe (issue: real pretrained backbones). Chosen on the DINOv2 ViT-S/14
 # teachers and the demo Swins (benchmarks/results/real_backbone/): every Linear / attention
-# matmul input is rotated (rotate_inputs), weight and activation ranges come from the MSE
-# clipping search, the post-softmax probabilities get a log2 grid. Activation steps are
-# learnt (LSQ) during fine-tuning, starting from the calibrated ranges.
+# matmul input is rotated (rotate_inputs) and quantized with a dynamic per-token step (its
+# absmax at run time: nothing about the activation ranges is fitted to the synthetic images,
+# which is what made calibrated per-tensor ranges fail on the demo Swin), weight ranges come
+# from the MSE clipping search, the post-softmax probabilities get a log2 grid. The
+# per-token clipping ratio starts at 1 and is learnt (LSQ) during fine-tuning.
 def default_weight_config() -> QuantizerConfig:
     return QuantizerConfig(bits=4, granularity='per_channel', symmetric=True,
                            signedness='signed', observer='mse', lsq=False)
 
 
 def default_act_config() -> QuantizerConfig:
-    return QuantizerConfig(bits=4, granularity='per_tensor', symmetric=True,
-                           signedness='auto', observer='mse', lsq=True)
+    return QuantizerConfig(bits=4, granularity='per_token', symmetric=True,
+                           signedness='auto', observer='minmax', lsq=True)
 
 
 def default_attn_prob_config() -> QuantizerConfig:
@@ -175,7 +190,8 @@ class QuantConfig:
 
     Attributes:
         weight: weight quantizer of Linear/Conv2d.
-        act: input quantizer of Linear/Conv2d and of both inputs of q·kᵀ and of v in attn·v.
+        act: input quantizer of Linear/Conv2d and of both inputs of q·kᵀ and of v in attn·v
+            (default: dynamic per-token steps, see ``default_act_config``).
         attn_prob: quantizer of the post-softmax probabilities (first input of attn·v);
             ``kind='log2'`` / ``'log_sqrt2'`` selects a log quantizer.
         quantize_attention: quantize q·kᵀ and attn·v (``MatMul`` -> ``QuantMatMul``).
@@ -219,6 +235,14 @@ class QuantConfig:
         _check_choice('scope', self.scope, SCOPES)
         for name in ('quantize_attention', 'reparam', 'rotate_inputs', 'keep_input_float'):
             _check_choice(name, getattr(self, name), (True, False))
+        if self.weight.granularity == 'per_token':
+            raise ValueError("weight granularity='per_token' is not valid: 'per_token' is for "
+                             "activations (a dynamic step per input vector); quantize weights "
+                             "'per_channel' or 'per_tensor'")
+        if self.reparam and self.act.granularity != 'per_tensor':
+            raise ValueError(f"reparam=True folds per-channel scales chosen for a per-tensor "
+                             f"input grid; it needs act.granularity='per_tensor', got "
+                             f"{self.act.granularity!r} (a per-token grid does not need it)")
         if self.input_layer is not None and not isinstance(self.input_layer, str):
             raise ValueError(f'input_layer must be a module name (str) or None, got '
                              f'{self.input_layer!r}')

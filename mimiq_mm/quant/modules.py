@@ -24,6 +24,8 @@ def _make_input_quantizer(cfg, keep_float: bool, num_channels: int, channel_axis
         return None
     if cfg.act.granularity == 'per_channel':
         return Quantizer(cfg.act, ch_axis=channel_axis, num_channels=num_channels)
+    if cfg.act.granularity == 'per_token':  # one step per token: over the input channels
+        return Quantizer(cfg.act, token_axis=channel_axis)
     return Quantizer(cfg.act, num_channels=num_channels, observe_channels=observe_channels)
 
 
@@ -178,17 +180,18 @@ class QuantMatMul(MatMul):
             raise ValueError(f'role={role!r} is not valid; choose one of {list(MATMUL_ROLES)}')
         cfg = QuantConfig() if cfg is None else cfg
         for name in ('act', 'attn_prob'):
-            if getattr(cfg, name).granularity != 'per_tensor':
-                raise ValueError(f"QuantMatMul supports {name}.granularity='per_tensor' only "
-                                 f"(the channel count of a matmul input is not known); keep "
-                                 f"'per_tensor' for the attention products, e.g. with "
+            if getattr(cfg, name).granularity == 'per_channel':
+                raise ValueError(f"QuantMatMul supports {name}.granularity 'per_tensor' or "
+                                 f"'per_token' (the channel count of a matmul input is not "
+                                 f"known); set one for the attention products, e.g. with "
                                  f"overrides={{'*_matmul': {{'{name}': "
                                  f"{{'granularity': 'per_tensor'}}}}}}")
         self.role = role
         # q·kᵀ = (q R)(k R)ᵀ and attn·v = (attn·(v R)) Rᵀ over the head dimension
         self.rotate = bool(cfg.rotate_inputs) and role in ('qk', 'av')
-        self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act)
-        self.b_quantizer = Quantizer(cfg.act)
+        # per-token steps run along the reduction axis of a @ b: rows of a, columns of b
+        self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act, token_axis=-1)
+        self.b_quantizer = Quantizer(cfg.act, token_axis=-2)
         self._float_module = None
 
     @classmethod

@@ -189,6 +189,53 @@ class MSEObserver(_AveragedRangeObserver):
         return best_lo, best_hi
 
 
+# Clipping ratios of the per-token absmax tried by PerTokenMSEObserver: a row's own absmax
+# already tracks it, so only mild clipping is searched.
+PER_TOKEN_MIN_RATIO = 0.5
+
+
+def token_rows(x: Tensor, axis: int) -> Tensor:
+    """(tokens, K) view of ``x`` with the reduction axis ``axis`` last."""
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+class PerTokenMSEObserver(Observer):
+    """Clipping ratio ``r`` of a dynamic per-token quantizer (step of a row =
+    ``r * absmax(row) / qmax``) with the smallest Lp error summed over all calibration
+    batches; min/max kept as usual (signedness)."""
+
+    def __init__(self, bits: int, signedness: str, norm: float, steps: int, axis: int = -1):
+        super().__init__()
+        self.bits, self.signedness, self.norm, self.axis = int(bits), signedness, float(norm), \
+            int(axis)
+        self.register_buffer('ratios', torch.linspace(PER_TOKEN_MIN_RATIO, 1.0, int(steps)))
+        self.register_buffer('err_sum', torch.zeros(int(steps), dtype=torch.float64))
+
+    def reset(self):
+        super().reset()
+        self.err_sum.zero_()
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        rows = token_rows(x.detach().float(), self.axis)
+        stride = max(1, math.ceil(rows.numel() / MAX_OBSERVER_SAMPLES))
+        rows = rows[::stride]
+        unsigned = (self.signedness == 'unsigned'
+                    or (self.signedness == 'auto' and bool(rows.min() >= 0)))
+        qmin, qmax = quant_range(self.bits, signed=not unsigned)
+        amax = rows.abs().amax(dim=1, keepdim=True)
+        for i, ratio in enumerate(self.ratios.tolist()):
+            scale = (amax * (ratio / qmax)).clamp(min=torch.finfo(torch.float32).eps)
+            err = torch.clamp(torch.round(rows / scale), qmin, qmax).mul_(scale).sub_(rows)
+            self.err_sum[i] += err.abs_().pow_(self.norm).sum(dtype=torch.float64)
+        return super().forward(x)
+
+    def best_ratio(self) -> Tensor:
+        return self.ratios[int(torch.argmin(self.err_sum))].clone()
+
+
 class MeanAbsObserver(Observer):
     """Tracks mean|x| (for the LSQ initial step 2*mean|x|/sqrt(Qmax)) besides min/max."""
 
@@ -211,10 +258,16 @@ class MeanAbsObserver(Observer):
         return (self.abs_sum / self.count.clamp(min=1)).float()
 
 
-def build_observer(cfg, ch_axis: Optional[int] = None,
-                   num_channels: Optional[int] = None) -> Observer:
-    """Observer named by ``cfg.observer`` (a :class:`QuantizerConfig`)."""
+def build_observer(cfg, ch_axis: Optional[int] = None, num_channels: Optional[int] = None,
+                   token_axis: Optional[int] = None) -> Observer:
+    """Observer named by ``cfg.observer`` (a :class:`QuantizerConfig`); ``token_axis`` is
+    the reduction axis of a per-token quantizer."""
     kw = dict(ch_axis=ch_axis, num_channels=num_channels)
+    if cfg.granularity == 'per_token':
+        if cfg.observer == 'mse':
+            return PerTokenMSEObserver(cfg.bits, cfg.signedness, cfg.mse_norm, cfg.mse_steps,
+                                       axis=-1 if token_axis is None else token_axis)
+        return MinMaxObserver()
     if cfg.observer == 'minmax':
         return MinMaxObserver(**kw)
     if cfg.observer == 'ema':

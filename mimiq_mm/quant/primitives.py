@@ -236,3 +236,20 @@ def quantization_error(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: 
     err = (x - fake_quantize_affine(x, scale, zero_point, quant_min, quant_max, axis,
                                     ste=False)).abs().pow(norm)
     return err.sum(dim=_reduce_dims(x, axis))
+
+
+def fake_quantize_per_token(x: Tensor, ratio: Tensor, quant_min: int, quant_max: int,
+                            axis: int = -1, learn_ratio: bool = False) -> Tensor:
+    """Dynamic symmetric fake-quant with one step per vector along ``axis``:
+    ``step = ratio * max|x| / quant_max`` over that axis (``quant_min = 0``: the max of a
+    non-negative input). The step is computed at run time, so it needs no calibrated range;
+    ``ratio`` (a clipping ratio, 0-d) is the only parameter. Straight-through rounding; the
+    absmax passes no gradient; ``ratio`` gets the LSQ gradient when ``learn_ratio``
+    (scaled by ``1/sqrt(N*Qmax)``, N = elements of x)."""
+    amax = x.detach().abs().amax(dim=axis, keepdim=True)
+    if learn_ratio:
+        ratio = scale_grad(ratio, lsq_grad_scale(x.numel(), quant_max))
+    else:
+        ratio = ratio.detach()
+    step = torch.clamp(amax * (ratio / quant_max), min=SCALE_EPS)
+    return clamp_inclusive(round_ste(x / step), quant_min, quant_max) * step

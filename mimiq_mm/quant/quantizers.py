@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .config import QuantizerConfig
 from .observers import build_observer
 from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine_fused,
-                         fake_quantize_log, lsq_fake_quantize, lsq_init_step, quant_range)
+                         fake_quantize_log, fake_quantize_per_token,
+                         lsq_fake_quantize, lsq_init_step, quant_range)
 
 LOG_LEVELS_PER_OCTAVE = {'log2': 1, 'log_sqrt2': 2}
 
@@ -37,15 +38,27 @@ class Quantizer(nn.Module):
             the last axis (``num_channels`` of them). Used by the LayerNorm reparam, which
             rescales them before the per-tensor range is chosen.
         is_weight: quantizes a weight (toggled by ``set_quant_state(weight=...)``).
+        token_axis: for ``cfg.granularity == 'per_token'``, the axis the scale is computed
+            over (the reduction axis of the product that consumes the input: -1 for a
+            Linear input or the first matmul operand, 1 for a Conv2d input, -2 for the
+            second matmul operand), so that the scales factor out of the integer product.
+            The quantizer's one parameter (``step``) is then the clipping ratio of the
+            absmax, not a step.
     """
 
     def __init__(self, cfg: QuantizerConfig, ch_axis: Optional[int] = None,
                  num_channels: Optional[int] = None, observe_channels: bool = False,
-                 is_weight: bool = False):
+                 is_weight: bool = False, token_axis: int = -1):
         super().__init__()
         if not isinstance(cfg, QuantizerConfig):
             raise ValueError(f'cfg must be a QuantizerConfig, got {type(cfg).__name__}')
         per_channel = cfg.granularity == 'per_channel'
+        self.per_token = cfg.granularity == 'per_token'
+        if self.per_token and (is_weight or observe_channels):
+            raise ValueError("granularity='per_token' is for activations (a weight is "
+                             "quantized per_channel or per_tensor; the LayerNorm reparam needs "
+                             "per_tensor inputs)")
+        self.token_axis = int(token_axis)
         if per_channel and (ch_axis is None or not num_channels):
             raise ValueError('a per-channel quantizer needs ch_axis and num_channels')
         if observe_channels and (per_channel or not num_channels):
@@ -56,7 +69,7 @@ class Quantizer(nn.Module):
         self.observe_channels = observe_channels
         obs_axis = self.ch_axis if per_channel else (-1 if observe_channels else None)
         self.observer = build_observer(cfg, obs_axis, num_channels if obs_axis is not None
-                                       else None)
+                                       else None, token_axis=self.token_axis)
         shape = (int(num_channels),) if per_channel else ()
         if cfg.lsq:
             self.step = nn.Parameter(torch.ones(shape))
@@ -119,7 +132,11 @@ class Quantizer(nn.Module):
             self._unsigned = self.cfg.signedness == 'unsigned'
         self.unsigned.fill_(self._unsigned)
         qmin, qmax = self.quant_min_max
-        if self.cfg.kind != 'uniform':
+        if self.per_token:  # the clipping ratio of the per-token absmax
+            scale = (obs.best_ratio() if hasattr(obs, 'best_ratio')
+                     else torch.ones((), device=hi.device))
+            zero_point = torch.zeros_like(scale)
+        elif self.cfg.kind != 'uniform':
             scale = choose_log_scale(hi)
             zero_point = torch.zeros_like(scale)
         elif self.cfg.observer == 'lsq':
@@ -155,7 +172,7 @@ class Quantizer(nn.Module):
         thing); returns False when the quantizer was never calibrated."""
         if not self._initialized:
             return self.calibrate_from(w)
-        if self.cfg.observer == 'minmax' or self.cfg.lsq:
+        if self.cfg.observer == 'minmax' or self.cfg.lsq or self.per_token:
             return self.calibrate_from(w)
         obs = self.observer
         old = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
@@ -188,6 +205,9 @@ class Quantizer(nn.Module):
             return fake_quantize_log(x, qparam, self.cfg.bits,
                                      LOG_LEVELS_PER_OCTAVE[self.cfg.kind])
         qmin, qmax = self.quant_min_max
+        if self.per_token:
+            return fake_quantize_per_token(x, qparam, qmin, qmax, self.token_axis,
+                                           learn_ratio=self.cfg.lsq)
         zero_point = self.zero_point.to(x.dtype)
         if self.cfg.lsq:
             return lsq_fake_quantize(x, qparam, zero_point, qmin, qmax, axis=self.ch_axis)
