@@ -20,6 +20,10 @@ removed, random weights; attention through ``nn.MultiheadAttention``). Every att
 of the backbone is adapted (``mimiq_mm.attention.adapt_attention_``), so the recorder and
 L_sim see all of them.
 
+Ratio column: a row's TFLOP/s divided by that of the ``backbone-only`` row of the same
+backbone, batch, size and precision in the same run (see ``reference_ratios``); blank when no
+such reference was measured.
+
     python benchmarks/bench_synthesis.py            # CUDA: batch 16/64/128 x 224/512 px, fp32
     python benchmarks/bench_synthesis.py --small    # CPU: tiny sizes
     python benchmarks/bench_synthesis.py --variants bf16 bf16+compile-full \
@@ -316,6 +320,45 @@ def row_variant(row) -> str:
     return row.get('variant') or _legacy_variant(row)
 
 
+def reference_ratios(rows):
+    """Per row, ``(ratio, reference variant)``: its TFLOP/s divided by the TFLOP/s of the
+    ``backbone-only`` row of the same backbone, batch, size and precision (fp32 / tf32 / bf16)
+    among ``rows`` (one run); ``(None, None)`` when there is no such measured row. With
+    several references of that key, the one with the row's other settings (``bf16+compile-
+    full`` -> ``bf16+compile-full+backbone-only``) is used, else the fastest."""
+    def key(row):
+        variant = row_variant(row)
+        return row_backbone(row), row['batch'], row['size'], variant.split('+')[0]
+
+    def other_flags(row):
+        return set(row_variant(row).split('+')[1:]) - {'backbone-only'}
+
+    refs = {}
+    for row in rows:
+        if 'error' not in row and row.get('tflops') and \
+                'backbone-only' in row_variant(row).split('+')[1:]:
+            refs.setdefault(key(row), []).append(row)
+    out = []
+    for row in rows:
+        candidates = refs.get(key(row), []) if 'error' not in row else []
+        if not candidates:
+            out.append((None, None))
+            continue
+        same = [ref for ref in candidates if other_flags(ref) == other_flags(row)]
+        ref = same[0] if same else max(candidates, key=lambda r: r['tflops'])
+        out.append((row['tflops'] / ref['tflops'], row_variant(ref)))
+    return out
+
+
+def fill_ratios(rows) -> None:
+    """Store ``reference_ratios`` in the rows (``ratio``, ``ratio_reference``), in place:
+    called after every row, since a reference may be measured after the rows it serves."""
+    for row, (ratio, ref) in zip(rows, reference_ratios(rows)):
+        if 'error' in row:
+            continue
+        row['ratio'], row['ratio_reference'] = ratio, ref
+
+
 def git_commit(default='unknown'):
     import subprocess
     try:
@@ -367,18 +410,19 @@ def run_to_markdown(run):
              f"({info.get('device', '?')}, {info.get('card', '?')})",
              *([f"note: {info['note']}"] if info.get('note') else []), '',
              '| backbone | variant | batch | px | s/iter | img-iter/s | GFLOP/iter | TFLOP/s '
-             '| peak GiB | warm-up s | loss, step 1 |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
+             '| ratio | peak GiB | warm-up s | loss, step 1 |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r, (ratio, _) in zip(rows, reference_ratios(rows)):
         variant, backbone = row_variant(r), row_backbone(r)
         if 'error' in r:
             lines.append(f"| {backbone} | {variant} | {r['batch']} | {r['size']} | "
-                         f"{r['error']} | | | | | | |")
+                         f"{r['error']} | | | | | | | |")
             continue
         warm, first = r.get('warmup_s'), r.get('first_loss')
         lines.append(f"| {backbone} | {variant} | {r['batch']} | {r['size']} | "
                      f"{r['seconds_per_iter']:.4f} | {r['image_iters_per_s']:.2f} | "
                      f"{r['gflop_per_iter']:.1f} | {r['tflops']:.3f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} | "
                      f"{_fmt_mem(r.get('peak_mem_gib'))} | "
                      f"{'-' if warm is None else f'{warm:.1f}'} | "
                      f"{'-' if first is None else f'{first:.6f}'} |")
@@ -420,7 +464,10 @@ def to_markdown(runs, device_type, kept=''):
             'attention modules, nothing recorded), a sum of squares of its outputs, backward '
             'to the pixels and AdamW, no MimiQ terms. FLOPs: `torch.utils.flop_counter` on '
             'the eager step (the same for every variant of a step); TFLOP/s = those FLOPs / '
-            'measured time. Warm-up s: the warm-up iterations, torch.compile included.', '', GENERATED_BEGIN, '']
+            'measured time. Ratio = TFLOP/s / TFLOP/s of the backbone-only row of the same '
+            'backbone, batch, size and precision in the same run (the one with the same other '
+            'settings, else the fastest; blank: none measured). Warm-up s: the warm-up '
+            'iterations, torch.compile included.', '', GENERATED_BEGIN, '']
     body = [run_to_markdown(run) for run in reversed(runs)]
     tail = [GENERATED_END, '']
     if kept.strip():
@@ -571,6 +618,7 @@ def main(argv=None):
         if 'error' not in row:
             row_seconds[scope] = max(row_seconds.get(scope, 0.0), row['elapsed_s'] - elapsed)
         run['rows'].append(row)
+        fill_ratios(run['rows'])
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
               flush=True)
         write_results(out, device.type, runs)
