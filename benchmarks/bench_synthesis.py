@@ -288,7 +288,8 @@ def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_c
         sync(device)
         seconds = time.perf_counter() - start
     row = dict(backbone=backbone, variant=variant, batch=batch, size=size,
-               bf16=settings['bf16'], tf32=settings['tf32'], compile=settings.get('compile', 'none'),
+               bf16=settings['bf16'], tf32=settings['tf32'],
+               compile=settings.get('compile', 'none'),
                compile_mode=settings.get('compile_mode'), iterations=iterations,
                warmup_s=warmup_s,
                seconds_per_iter=seconds / iterations,
@@ -441,7 +442,8 @@ def run_to_markdown(run):
                              for k in prof.get('top_kernels', [])[:4]).replace('|', '/')
             gemm = prof.get('gemm_tflops')
             lines.append(f"| {row_backbone(r)} | {r.get('variant')} | {r['batch']} | "
-                         f"{r['size']} | {prof['gpu_ms_per_step']:.2f} | {100 * share.get('gemm', 0):.0f} | "
+                         f"{r['size']} | {prof['gpu_ms_per_step']:.2f} | "
+                         f"{100 * share.get('gemm', 0):.0f} | "
                          f"{100 * share.get('triton', 0):.0f} | {100 * share.get('other', 0):.0f}"
                          f" | {'-' if gemm is None else f'{gemm:.0f}'} | {tops} |")
     return '\n'.join(lines) + '\n'
