@@ -1,28 +1,44 @@
 #!/usr/bin/env python
 """Speed of MimiQ pixel optimisation: image-iterations/s and achieved TFLOP/s.
 
-One iteration = forward of the Mask R-CNN Swin-T backbone (the real upstream config
-``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, init_cfg removed) under an attention
-recorder, L_sim over all its attention layers + TV, backward to the input pixels, and the
-AdamW step on the pixels (teacher weights get no gradients), run through
-``MimiQSynthesis.step_terms`` with the variant's synthesis settings (see ``parse_variant``:
-fp32 / tf32 / bf16, ``+compile-loss``, ``+compile-full``, ``+autotune``, ``+nochunk``).
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` for one eager
-forward+backward.
+One iteration = forward of a transformer backbone under an attention recorder, L_sim over
+all its attention layers + TV, backward to the input pixels, and the AdamW step on the pixels
+(teacher weights get no gradients), run through ``MimiQSynthesis.step_terms`` with the
+variant's synthesis settings (see ``parse_variant``: fp32 / tf32 / bf16, ``+compile-loss``,
+``+compile-full``, ``+autotune``, ``+nochunk``; ``+backbone-only`` is the reference without
+the MimiQ terms). FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` for one
+eager forward+backward.
+
+Backbones (``--backbones``, default ``swin_t``; see ``BACKBONES``): ``swin_t``, the Mask R-CNN
+Swin-T (upstream ``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, init_cfg removed,
+random weights); ``dinov2_vits14``, the timm DINOv2 ViT-S/14 of
+``mimiq_mm.models.DINOv2Pyramid`` with the converted pretrained weights (``make setup``);
+``vit_b_mmseg``, mmseg's ViT-B/16 (upstream
+``mmseg::vit/vit_vit-b16_mln_upernet_8xb2-80k_ade20k-512x512.py``, named
+``vit_upernet_vit-b16_mln_512x512_80k_ade20k.py`` before mmseg 1.x; init_cfg / pretrained
+removed, random weights; attention through ``nn.MultiheadAttention``). Every attention module
+of the backbone is adapted (``mimiq_mm.attention.adapt_attention_``), so the recorder and
+L_sim see all of them.
+
+Ratio column: a row's TFLOP/s divided by that of the ``backbone-only`` row of the same
+backbone, batch, size and precision in the same run (see ``reference_ratios``); blank when no
+such reference was measured.
 
     python benchmarks/bench_synthesis.py            # CUDA: batch 16/64/128 x 224/512 px, fp32
     python benchmarks/bench_synthesis.py --small    # CPU: tiny sizes
     python benchmarks/bench_synthesis.py --variants bf16 bf16+compile-full \
         --batches 64 128 --sizes 224 --time-budget 200
+    python benchmarks/bench_synthesis.py --backbones swin_t dinov2_vits14 vit_b_mmseg \
+        --variants bf16+compile-full bf16+compile-full+backbone-only
 
 Adds a run (machine, card, commit, rows) to ``benchmarks/results/bench_synthesis_<device>.json``
 and rewrites the ``.md`` from all runs, newest first (``--replace`` drops the earlier runs;
 hand-written notes after the generated part are kept). Results are written after every row.
 """
 import argparse
-import copy
 import datetime
 import gc
+import itertools
 import json
 import platform
 import sys
@@ -35,29 +51,53 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-UPSTREAM = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
 FULL = dict(batches=(16, 64, 128), sizes=(224, 512), iterations=10, warmup=3)
 SMALL = dict(batches=(1, 2), sizes=(64, 96), iterations=3, warmup=1)
 TERA = 1e12
 
 
-def build_backbone(device):
-    from mmengine.hub import get_config
-    from mmengine.registry import DefaultScope
+#: --backbones: name -> the ``mimiq_mm.testing.UPSTREAM`` config whose backbone it is, or
+#: None for the DINOv2 ViT-S/14 (``mimiq_mm.models.DINOv2Pyramid``, converted weights)
+BACKBONES = {'swin_t': 'maskrcnn_swin', 'dinov2_vits14': None, 'vit_b_mmseg': 'upernet_vit'}
+DEFAULT_BACKBONES = ('swin_t',)
+DINOV2_WEIGHTS = 'dinov2_vits14_imgfocus'
 
-    import mmdet.models  # noqa: F401  (registers)
-    from mmdet.registry import MODELS
-    cfg = get_config(UPSTREAM, pretrained=False)
-    backbone_cfg = copy.deepcopy(cfg.model.backbone)
-    backbone_cfg.pop('init_cfg', None)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        backbone = MODELS.build(backbone_cfg)
-    backbone.init_weights()
+
+def build_backbone(device, name: str = 'swin_t'):
+    """(frozen backbone in eval mode on ``device``, its input mean / std in 0..255 units).
+
+    The upstream backbones get random weights. The DINOv2 weights are read from the converted
+    file; without it ``init_weights`` raises ``PretrainedWeightsError`` naming ``make setup``
+    and ``python tools/fetch_pretrained.py``."""
+    if name not in BACKBONES:
+        raise ValueError(f'unknown backbone {name!r}; valid: {sorted(BACKBONES)}')
+    if BACKBONES[name] is None:
+        from mimiq_mm.models.dinov2 import DINOv2Pyramid
+        from mimiq_mm.synthesis.teacher import IMAGENET_MEAN, IMAGENET_STD
+        backbone = DINOv2Pyramid(pretrained=DINOV2_WEIGHTS)
+        backbone.init_weights()
+        stats = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    else:
+        from mimiq_mm.testing import build_upstream_backbone
+        backbone, preprocessor = build_upstream_backbone(BACKBONES[name])
+        stats = dict(mean=list(preprocessor['mean']), std=list(preprocessor['std']))
     backbone.eval()
     backbone.to(device)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    return backbone, cfg.model.data_preprocessor
+    return backbone, stats
+
+
+def build_teacher(device, name: str = 'swin_t'):
+    """The backbone with every attention module adapted (explicit q·kᵀ / attn·v the recorder
+    sees; an attention module without an adapter is an error), as a synthesis teacher. Both
+    upstream preprocessors convert BGR files to RGB, DINOv2 takes RGB."""
+    from mimiq_mm.attention import adapt_attention_
+    from mimiq_mm.synthesis.teacher import SynthesisTeacher
+    backbone, stats = build_backbone(device, name)
+    adapt_attention_(backbone, require=True)
+    return SynthesisTeacher(backbone, mean=stats['mean'], std=stats['std'], kind='backbone',
+                            channel_order='rgb', description=dict(backbone=name))
 
 
 # ---------------------------------------------------------------- variants
@@ -114,7 +154,8 @@ def build_method(teacher, variant: str, batch: int, size: int):
 class BackboneOnly:
     """The ``backbone-only`` reference: ``step_terms`` = the teacher backbone's forward (no
     attention records, no L_sim) and a sum of squares of its outputs, so the benchmark times
-    what the backbone alone costs with the same precision / compile settings."""
+    what the backbone alone costs with the same precision / compile settings. It runs the
+    same (adapted) attention modules as the MimiQ step, with nothing recording."""
 
     def __init__(self, teacher, settings: dict):
         self.teacher = teacher
@@ -217,10 +258,12 @@ def sync(device):
 
 
 def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_cache,
-              profile=0):
+              profile=0, backbone='swin_t'):
+    """One row: ``variant`` on ``teacher`` (the ``backbone`` of that name) at ``batch`` x
+    ``size`` px."""
     from mimiq_mm.synthesis.methods import float32_matmul_precision
     settings = parse_variant(variant)
-    key = (batch, size, 'max_chunk_elements' in settings, 'backbone_only' in settings)
+    key = (backbone, batch, size, 'max_chunk_elements' in settings, 'backbone_only' in settings)
     if key not in flops_cache:
         flops_cache[key] = count_flops(teacher, batch, size, device, settings)
     flops = flops_cache[key]
@@ -244,8 +287,9 @@ def bench_one(teacher, variant, batch, size, device, iterations, warmup, flops_c
             loss = step()
         sync(device)
         seconds = time.perf_counter() - start
-    row = dict(variant=variant, batch=batch, size=size, bf16=settings['bf16'],
-               tf32=settings['tf32'], compile=settings.get('compile', 'none'),
+    row = dict(backbone=backbone, variant=variant, batch=batch, size=size,
+               bf16=settings['bf16'], tf32=settings['tf32'],
+               compile=settings.get('compile', 'none'),
                compile_mode=settings.get('compile_mode'), iterations=iterations,
                warmup_s=warmup_s,
                seconds_per_iter=seconds / iterations,
@@ -266,6 +310,54 @@ def _legacy_variant(row):
     if row.get('compile') in (True, 'loss'):
         name += '+compile-loss'
     return name
+
+
+def row_backbone(row) -> str:
+    """A row's backbone (rows from before --backbones were all Swin-T)."""
+    return row.get('backbone') or 'swin_t'
+
+
+def row_variant(row) -> str:
+    return row.get('variant') or _legacy_variant(row)
+
+
+def reference_ratios(rows):
+    """Per row, ``(ratio, reference variant)``: its TFLOP/s divided by the TFLOP/s of the
+    ``backbone-only`` row of the same backbone, batch, size and precision (fp32 / tf32 / bf16)
+    among ``rows`` (one run); ``(None, None)`` when there is no such measured row. With
+    several references of that key, the one with the row's other settings (``bf16+compile-
+    full`` -> ``bf16+compile-full+backbone-only``) is used, else the fastest."""
+    def key(row):
+        variant = row_variant(row)
+        return row_backbone(row), row['batch'], row['size'], variant.split('+')[0]
+
+    def other_flags(row):
+        return set(row_variant(row).split('+')[1:]) - {'backbone-only'}
+
+    refs = {}
+    for row in rows:
+        if 'error' not in row and row.get('tflops') and \
+                'backbone-only' in row_variant(row).split('+')[1:]:
+            refs.setdefault(key(row), []).append(row)
+    out = []
+    for row in rows:
+        candidates = refs.get(key(row), []) if 'error' not in row else []
+        if not candidates:
+            out.append((None, None))
+            continue
+        same = [ref for ref in candidates if other_flags(ref) == other_flags(row)]
+        ref = same[0] if same else max(candidates, key=lambda r: r['tflops'])
+        out.append((row['tflops'] / ref['tflops'], row_variant(ref)))
+    return out
+
+
+def fill_ratios(rows) -> None:
+    """Store ``reference_ratios`` in the rows (``ratio``, ``ratio_reference``), in place:
+    called after every row, since a reference may be measured after the rows it serves."""
+    for row, (ratio, ref) in zip(rows, reference_ratios(rows)):
+        if 'error' in row:
+            continue
+        row['ratio'], row['ratio_reference'] = ratio, ref
 
 
 def git_commit(default='unknown'):
@@ -318,18 +410,20 @@ def run_to_markdown(run):
              f"{info.get('cpu', '?')}, {info.get('threads', '?')} threads "
              f"({info.get('device', '?')}, {info.get('card', '?')})",
              *([f"note: {info['note']}"] if info.get('note') else []), '',
-             '| variant | batch | px | s/iter | img-iter/s | GFLOP/iter | TFLOP/s | peak GiB '
-             '| warm-up s | loss, step 1 |',
-             '|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        variant = r.get('variant') or _legacy_variant(r)
+             '| backbone | variant | batch | px | s/iter | img-iter/s | GFLOP/iter | TFLOP/s '
+             '| ratio | peak GiB | warm-up s | loss, step 1 |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r, (ratio, _) in zip(rows, reference_ratios(rows)):
+        variant, backbone = row_variant(r), row_backbone(r)
         if 'error' in r:
-            lines.append(f"| {variant} | {r['batch']} | {r['size']} | {r['error']} | | | | | | |")
+            lines.append(f"| {backbone} | {variant} | {r['batch']} | {r['size']} | "
+                         f"{r['error']} | | | | | | | |")
             continue
         warm, first = r.get('warmup_s'), r.get('first_loss')
-        lines.append(f"| {variant} | {r['batch']} | {r['size']} | "
+        lines.append(f"| {backbone} | {variant} | {r['batch']} | {r['size']} | "
                      f"{r['seconds_per_iter']:.4f} | {r['image_iters_per_s']:.2f} | "
                      f"{r['gflop_per_iter']:.1f} | {r['tflops']:.3f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} | "
                      f"{_fmt_mem(r.get('peak_mem_gib'))} | "
                      f"{'-' if warm is None else f'{warm:.1f}'} | "
                      f"{'-' if first is None else f'{first:.6f}'} |")
@@ -338,16 +432,18 @@ def run_to_markdown(run):
         lines += ['', 'GPU time by kernel category (torch.profiler; matmul = cuBLAS/CUTLASS/'
                   'Triton-template matmul and convolution kernels, fused = Inductor Triton '
                   'kernels; matmul TFLOP/s = the counted FLOPs / time inside matmul kernels):',
-                  '', '| variant | batch | px | GPU ms/step | matmul % | fused % | other % '
-                  '| matmul TFLOP/s | top kernels (ms/step) |', '|---|---|---|---|---|---|---|---|---|']
+                  '', '| backbone | variant | batch | px | GPU ms/step | matmul % | fused % '
+                  '| other % | matmul TFLOP/s | top kernels (ms/step) |',
+                  '|---|---|---|---|---|---|---|---|---|---|']
         for r in profiled:
             prof = r['profile']
             share = prof.get('share', {})
             tops = '; '.join(f"{k['name'][:48]} ({k['ms_per_step']:.2f})"
                              for k in prof.get('top_kernels', [])[:4]).replace('|', '/')
             gemm = prof.get('gemm_tflops')
-            lines.append(f"| {r.get('variant')} | {r['batch']} | {r['size']} | "
-                         f"{prof['gpu_ms_per_step']:.2f} | {100 * share.get('gemm', 0):.0f} | "
+            lines.append(f"| {row_backbone(r)} | {r.get('variant')} | {r['batch']} | "
+                         f"{r['size']} | {prof['gpu_ms_per_step']:.2f} | "
+                         f"{100 * share.get('gemm', 0):.0f} | "
                          f"{100 * share.get('triton', 0):.0f} | {100 * share.get('other', 0):.0f}"
                          f" | {'-' if gemm is None else f'{gemm:.0f}'} | {tops} |")
     return '\n'.join(lines) + '\n'
@@ -355,16 +451,25 @@ def run_to_markdown(run):
 
 def to_markdown(runs, device_type, kept=''):
     head = [f'# bench_synthesis ({device_type})', '',
-            'One iteration: Swin-T backbone (Mask R-CNN config) forward under the attention '
-            'recorder + L_sim + TV, backward to the pixels, AdamW step on the pixels, through '
-            "the synthesis method's own step (`MimiQSynthesis.step_terms`). Variants: fp32, "
+            'One iteration: the backbone forward under the attention recorder + L_sim + TV, '
+            'backward to the pixels, AdamW step on the pixels, through the synthesis '
+            "method's own step (`MimiQSynthesis.step_terms`). Backbones: `swin_t` = Swin-T "
+            '(Mask R-CNN config, random weights), `dinov2_vits14` = DINOv2 ViT-S/14 (timm, '
+            '`DINOv2Pyramid`, converted pretrained weights), `vit_b_mmseg` = mmseg ViT-B/16 '
+            '(UperNet ADE20K config, `nn.MultiheadAttention`, random weights); rows without '
+            'a backbone are Swin-T. Variants: fp32, '
             'tf32 (fp32 with TF32 matmuls), bf16 (autocast; L_sim statistics in fp32); '
             "`+compile-loss` = `synthesis.compile='loss'` (L_sim only), `+compile-full` = "
             "`synthesis.compile='full'` (forward + L_sim + TV and the backward), `+autotune` = "
-            "`compile_mode='max-autotune-no-cudagraphs'`, `+nochunk` = no L_sim query chunks. "
-            'FLOPs: `torch.utils.flop_counter` on the eager step (the same for every variant); '
-            'TFLOP/s = those FLOPs / measured time. Warm-up s: the warm-up iterations, '
-            'torch.compile included.', '', GENERATED_BEGIN, '']
+            "`compile_mode='max-autotune-no-cudagraphs'`, `+nochunk` = no L_sim query chunks, "
+            '`+backbone-only` = the reference: the plain backbone forward (same adapted '
+            'attention modules, nothing recorded), a sum of squares of its outputs, backward '
+            'to the pixels and AdamW, no MimiQ terms. FLOPs: `torch.utils.flop_counter` on '
+            'the eager step (the same for every variant of a step); TFLOP/s = those FLOPs / '
+            'measured time. Ratio = TFLOP/s / TFLOP/s of the backbone-only row of the same '
+            'backbone, batch, size and precision in the same run (the one with the same other '
+            'settings, else the fastest; blank: none measured). Warm-up s: the warm-up '
+            'iterations, torch.compile included.', '', GENERATED_BEGIN, '']
     body = [run_to_markdown(run) for run in reversed(runs)]
     tail = [GENERATED_END, '']
     if kept.strip():
@@ -412,6 +517,10 @@ def main(argv=None):
                         help='e.g. fp32 tf32 bf16 bf16+compile-loss bf16+compile-full '
                              'bf16+compile-full+autotune bf16+compile-full+nochunk '
                              f'(default: {" ".join(DEFAULT_VARIANTS)}, plus --bf16/--compile)')
+    parser.add_argument('--backbones', nargs='+', default=list(DEFAULT_BACKBONES),
+                        choices=sorted(BACKBONES), metavar='BACKBONE',
+                        help=f'{", ".join(sorted(BACKBONES))} (default: '
+                             f'{" ".join(DEFAULT_BACKBONES)}); each runs every variant')
     parser.add_argument('--bf16', action='store_true', help='also run bf16 (old flag)')
     parser.add_argument('--compile', action='store_true',
                         help="also run with synthesis.compile='loss' (old flag)")
@@ -460,12 +569,14 @@ def main(argv=None):
         except ValueError as err:
             parser.error(str(err))
 
-    from mimiq_mm.attention import adapt_attention_
-    from mimiq_mm.synthesis.teacher import SynthesisTeacher
-    backbone, preprocessor = build_backbone(device)
-    adapt_attention_(backbone)
-    teacher = SynthesisTeacher(backbone, mean=preprocessor['mean'], std=preprocessor['std'],
-                               kind='backbone', channel_order='rgb')
+    from mimiq_mm.models.pretrained import PretrainedWeightsError
+    backbones = list(dict.fromkeys(args.backbones))
+    teachers = {}
+    for name in backbones:    # all built first: a missing weights file stops before any row
+        try:
+            teachers[name] = build_teacher(device, name)
+        except PretrainedWeightsError as err:
+            parser.error(f'--backbones {name}: {err}')
     info = machine_info(device)
     info['date'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     info['mode'] = 'small' if args.small else 'full'
@@ -476,43 +587,43 @@ def main(argv=None):
     run = dict(machine=info, rows=[])
     runs.append(run)
     flops_cache = {}
-    row_seconds = {}       # compile setting -> longest row so far (s)
+    row_seconds = {}       # (backbone, compile setting) -> longest row so far (s)
     print(f"device {device} ({info['card']}), commit {info['commit']}", flush=True)
-    for variant in variants:
-        for size in grid['sizes']:
-            for batch in grid['batches']:
-                elapsed = time.perf_counter() - t0
-                # a row of a compiled variant is predicted to take as long as the longest
-                # earlier row with the same compile setting (the compile dominates)
-                scope = parse_variant(variant).get('compile', 'none')
-                predicted = row_seconds.get(scope, 0.0) if scope != 'none' else 0.0
-                if args.time_budget is not None and elapsed + predicted > args.time_budget:
-                    row = dict(variant=variant, batch=batch, size=size,
-                               error=f'skipped (time budget {args.time_budget:g} s)')
-                else:
-                    try:
-                        row = bench_one(teacher, variant, batch, size, device,
-                                        grid['iterations'], grid['warmup'], flops_cache,
-                                        args.profile)
-                    except torch.cuda.OutOfMemoryError:
-                        row = dict(variant=variant, batch=batch, size=size, error='OOM')
-                    except Exception as err:   # e.g. a compile failure: report, go on
-                        first = (str(err).strip().splitlines() or [''])[0][:160]
-                        row = dict(variant=variant, batch=batch, size=size,
-                                   error=f'{type(err).__name__}: {first}'.replace('|', '/'))
-                        if 'out of memory' in str(err).lower():
-                            row['error'] = 'OOM'
-                    gc.collect()
-                    if device.type == 'cuda':
-                        torch.cuda.empty_cache()
-                row['elapsed_s'] = time.perf_counter() - t0
-                if 'error' not in row:
-                    row_seconds[scope] = max(row_seconds.get(scope, 0.0),
-                                             row['elapsed_s'] - elapsed)
-                run['rows'].append(row)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
-                      flush=True)
-                write_results(out, device.type, runs)
+    for backbone, variant, size, batch in itertools.product(backbones, variants,
+                                                            grid['sizes'], grid['batches']):
+        elapsed = time.perf_counter() - t0
+        # a row of a compiled variant is predicted to take as long as the longest earlier
+        # row of the backbone with the same compile setting (the compile dominates)
+        scope = (backbone, parse_variant(variant).get('compile', 'none'))
+        predicted = row_seconds.get(scope, 0.0) if scope[1] != 'none' else 0.0
+        if args.time_budget is not None and elapsed + predicted > args.time_budget:
+            row = dict(backbone=backbone, variant=variant, batch=batch, size=size,
+                       error=f'skipped (time budget {args.time_budget:g} s)')
+        else:
+            try:
+                row = bench_one(teachers[backbone], variant, batch, size, device,
+                                grid['iterations'], grid['warmup'], flops_cache, args.profile,
+                                backbone=backbone)
+            except torch.cuda.OutOfMemoryError:
+                row = dict(backbone=backbone, variant=variant, batch=batch, size=size,
+                           error='OOM')
+            except Exception as err:   # e.g. a compile failure: report, go on
+                first = (str(err).strip().splitlines() or [''])[0][:160]
+                row = dict(backbone=backbone, variant=variant, batch=batch, size=size,
+                           error=f'{type(err).__name__}: {first}'.replace('|', '/'))
+                if 'out of memory' in str(err).lower():
+                    row['error'] = 'OOM'
+            gc.collect()
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+        row['elapsed_s'] = time.perf_counter() - t0
+        if 'error' not in row:
+            row_seconds[scope] = max(row_seconds.get(scope, 0.0), row['elapsed_s'] - elapsed)
+        run['rows'].append(row)
+        fill_ratios(run['rows'])
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+              flush=True)
+        write_results(out, device.type, runs)
     print(run_to_markdown(run))
 
 

@@ -111,6 +111,25 @@ def build_model_from_cfg(model_cfg: dict, scope: str):
     return model
 
 
+def build_upstream_backbone(name: str, **overrides):
+    """The backbone of the upstream config ``UPSTREAM[name]`` alone, at full size unless
+    ``overrides`` change its settings (e.g. ``num_layers=2``): every ``init_cfg`` /
+    ``pretrained`` removed, SyncBN -> BN, built in the config's scope and initialised with
+    random weights (``init_weights``; nothing is downloaded).
+
+    Returns ``(backbone, data_preprocessor config)``; the latter holds the mean / std (and
+    channel conversion) the task model would normalise its inputs with.
+    """
+    if name not in UPSTREAM:
+        raise ValueError(f'unknown upstream config {name!r}; valid: {sorted(UPSTREAM)}')
+    cfg = _finish(load_upstream_config(UPSTREAM[name]))
+    backbone_cfg = cfg.model.backbone
+    backbone_cfg.update(overrides)
+    backbone = build_task_model(backbone_cfg, SCOPE[name])
+    backbone.init_weights()
+    return backbone, cfg.model.data_preprocessor
+
+
 def build_tiny_model(name: str, **kwargs):
     """``build_tiny_model('maskrcnn_swin' | 'upernet_swin' | 'upernet_vit')`` -> nn.Module."""
     if name not in TINY_CONFIGS:
