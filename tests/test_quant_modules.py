@@ -443,3 +443,17 @@ def test_per_token_unsigned_input_uses_the_whole_unsigned_grid():
     assert bool(q.unsigned) and q.quant_min_max == (0, 15)
     step = x.amax(-1, keepdim=True) / 15
     torch.testing.assert_close(q(x), torch.clamp(torch.round(x / step), 0, 15) * step)
+
+
+def test_rotation_dense_path_is_the_factored_orthogonal_matrix():
+    from mimiq_mm.quant.rotation import DENSE_MAX_DIM, InputRotation
+    small, wide = InputRotation(48), InputRotation(DENSE_MAX_DIM + 128)
+    assert small.dense is not None and wide.dense is None
+    x = torch.randn(7, 3, 48, generator=_gen(50))
+    ref = InputRotation._factored(x, small.signs, small.odd, small.hadamard)
+    torch.testing.assert_close(small(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.inverse(small(x)), x, atol=1e-5, rtol=1e-5)
+    eye = torch.eye(48)
+    torch.testing.assert_close(small(eye) @ small(eye).t(), eye, atol=1e-5, rtol=0)
+    xw = torch.randn(4, wide.dim, generator=_gen(51))
+    torch.testing.assert_close(wide.inverse(wide(xw)), xw, atol=1e-5, rtol=1e-5)
