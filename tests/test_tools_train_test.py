@@ -299,3 +299,7 @@ def test_keep_best_hook_holds_images_out_and_keeps_the_better_student(demo_root,
     assert all(torch.equal(final['student.' + k], v) for k, v in ptq.items())
     if runner is not None:  # the train dataset left the held-out images out
         assert len(runner.train_dataloader.dataset) == 6
+        # and so did calibration, whose loader is built from runner.cfg.train_dataloader
+        from mimiq_mm.engine.config_utils import nested_datasets
+        calib_ds = list(nested_datasets(runner.cfg.train_dataloader))[-1]
+        assert calib_ds['max_images'] == 6

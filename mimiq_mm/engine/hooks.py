@@ -350,6 +350,13 @@ class MimiQKeepBestHook(Hook):
         held_ds.pop('max_images', None)
         held_ds['indices'] = list(range(num - holdout, num))
         dataset['max_images'] = num - holdout
+        # MimiQCalibrationHook builds its own loader from runner.cfg.train_dataloader (a copy
+        # the Runner made of the config): the held-out images stay out of calibration too
+        cfg_loader = runner.cfg.get('train_dataloader', None)
+        if isinstance(cfg_loader, dict) and cfg_loader is not dataloader_cfg:
+            cfg_datasets = list(nested_datasets(cfg_loader))
+            if cfg_datasets:
+                cfg_datasets[-1]['max_images'] = num - holdout
         self._num_images, self._heldout_cfg = num, held
 
     def _score(self, runner) -> float:
