@@ -180,7 +180,7 @@ class Options:
     num_images: int = 32
     synth_iters: int = 60
     synth_batch: int = 8
-    ft_iters: int = 60
+    ft_iters: int = 40
     ft_batch: int = 4
     eval_batch: int = 4
     lr: float = 1e-5  # 1e-4 lost 4.8 bbox AP in 60 iterations on the demo teacher
