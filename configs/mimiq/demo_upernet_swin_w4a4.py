@@ -12,8 +12,9 @@ custom_imports = dict(
 
 # ---- what to quantize and from which float model ------------------------------------
 teacher_checkpoint = 'checkpoints/demo/upernet_swin_demo.pth'
-# The one default recipe of mimiq_mm.quant.QuantConfig (rotated inputs, MSE ranges, log2
-# post-softmax grid; chosen on the real-backbone and demo teachers, see
+# The one default recipe of mimiq_mm.quant.QuantConfig (rotated inputs, dynamic per-token
+# activation steps, MSE weight ranges, log2 post-softmax grid; chosen on the
+# real-backbone and demo teachers, see
 # benchmarks/results/real_backbone/): only the bit widths and the scope are set here.
 quant_cfg = dict(weight=dict(bits=4), act=dict(bits=4), attn_prob=dict(bits=4), scope='backbone')
 

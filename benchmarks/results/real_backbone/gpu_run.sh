@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The H200 runs behind per_token/: the default recipe (dynamic per-token activation steps)
+# on the four teachers, full pipeline, seeds. One process per (task, seed) group, each with
+# its own --out and --work-dir (parallel processes must not share result files); resumable,
+# so a second call with the same arguments finishes what the first left.
+#   bash benchmarks/results/real_backbone/gpu_run.sh dinov2 OUT   # real-backbone W4A4, 3 seeds
+#   bash benchmarks/results/real_backbone/gpu_run.sh more OUT     # demo Swins, W6A6/W3A3/W2A4
+set -u
+mode=$1
+out=$2
+budget=${BUDGET:-400}
+limit=${LIMIT:-585}
+mkdir -p "$out"
+one() {  # name, accuracy.py arguments... (in the foreground)
+    local name=$1
+    shift
+    timeout "$limit" python3 benchmarks/accuracy.py --out "$out/$name" \
+        --work-dir "work_dirs/gpu_${name%_bits}" --time-budget "$budget" "$@" \
+        >> "$out/$name.log" 2>&1
+}
+run() { one "$@" & }
+W4='--bits W4A4'
+if [ "$mode" = dinov2 ]; then
+    for t in det_dinov2 seg_dinov2; do
+        run "${t}_s0" --tasks "$t" --rows float ptq_real ptq_mimiq mimiq $W4
+        run "${t}_s1" --tasks "$t" --rows ptq_mimiq mimiq $W4 --seed 1
+        run "${t}_s2" --tasks "$t" --rows ptq_mimiq mimiq $W4 --seed 2
+    done
+else
+    run det_swin --tasks det --num-val 500 --rows float ptq_mimiq mimiq $W4
+    run seg_swin --tasks seg --rows float ptq_mimiq mimiq $W4
+    for t in det_dinov2 seg_dinov2; do
+        # seed 0's images and work dir are reused by the other bit widths, after it
+        (one "${t}_s0" --tasks "$t" --rows float ptq_real ptq_mimiq mimiq $W4
+         one "${t}_s0_bits" --tasks "$t" --rows ptq_real ptq_mimiq --bits W6A6 W3A3 W2A4
+         one "${t}_s0_bits" --tasks "$t" --rows mimiq --bits W6A6) &
+        run "${t}_s1" --tasks "$t" --rows ptq_mimiq mimiq $W4 --seed 1
+        run "${t}_s2" --tasks "$t" --rows ptq_mimiq mimiq $W4 --seed 2
+    done
+fi
+wait
+grep -h "mAP=\|mIoU=\|budget" "$out"/*.log
