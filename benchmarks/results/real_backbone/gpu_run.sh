@@ -5,6 +5,10 @@
 # so a second call with the same arguments finishes what the first left.
 #   bash benchmarks/results/real_backbone/gpu_run.sh dinov2 OUT   # real-backbone W4A4, 3 seeds
 #   bash benchmarks/results/real_backbone/gpu_run.sh more OUT     # demo Swins, W6A6/W3A3/W2A4
+# As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
+# in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
+# ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
+# under an inter-process lock, so parallel first runs no longer race on it.
 set -u
 mode=$1
 out=$2
