@@ -53,6 +53,12 @@ VARIANTS = {
     'w4a4_per_tensor_mse': ('W4A4, rotated inputs, per-tensor MSE activation ranges, log2 (the '
                             'default until the per-token change)',
                             dict(act=dict(observer='mse', granularity='per_tensor'))),
+    'w4a4_pt_linear_only': ('W4A4 default, but the attention-matmul inputs (q, k, v) per-tensor '
+                            'with MSE ranges', dict(overrides={'*_matmul': dict(
+                                act=dict(granularity='per_tensor', observer='mse'))})),
+    'w4a4_v_per_tensor': ('W4A4 default, but v (attn·v input) per-tensor with MSE ranges (q, k '
+                          'per-token)', dict(overrides={'*av_matmul': dict(
+                              act=dict(granularity='per_tensor', observer='mse'))})),
     'w4a4_default': ('W4A4, QuantConfig() (rotated inputs, dynamic per-token activation '
                      'steps, MSE weight ranges, log2)', dict()),
 }
