@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .primitives import choose_qparams, quant_range, quantization_error
+from .primitives import (choose_qparams, fake_quantize_per_token, quant_range,
+                         quantization_error)
 
 # Cap on the elements examined per batch by the percentile / MSE observers (a strided
 # subsample beyond it): keeps calibration cheap on 800x1216 feature maps.
@@ -225,10 +226,8 @@ class PerTokenMSEObserver(Observer):
         unsigned = (self.signedness == 'unsigned'
                     or (self.signedness == 'auto' and bool(rows.min() >= 0)))
         qmin, qmax = quant_range(self.bits, signed=not unsigned)
-        amax = rows.abs().amax(dim=1, keepdim=True)
-        for i, ratio in enumerate(self.ratios.tolist()):
-            scale = (amax * (ratio / qmax)).clamp(min=torch.finfo(torch.float32).eps)
-            err = torch.clamp(torch.round(rows / scale), qmin, qmax).mul_(scale).sub_(rows)
+        for i, ratio in enumerate(self.ratios):
+            err = fake_quantize_per_token(rows, ratio, qmin, qmax, axis=-1).sub_(rows)
             self.err_sum[i] += err.abs_().pow_(self.norm).sum(dtype=torch.float64)
         return super().forward(x)
 
@@ -259,14 +258,14 @@ class MeanAbsObserver(Observer):
 
 
 def build_observer(cfg, ch_axis: Optional[int] = None, num_channels: Optional[int] = None,
-                   token_axis: Optional[int] = None) -> Observer:
+                   token_axis: int = -1) -> Observer:
     """Observer named by ``cfg.observer`` (a :class:`QuantizerConfig`); ``token_axis`` is
     the reduction axis of a per-token quantizer."""
     kw = dict(ch_axis=ch_axis, num_channels=num_channels)
     if cfg.granularity == 'per_token':
         if cfg.observer == 'mse':
             return PerTokenMSEObserver(cfg.bits, cfg.signedness, cfg.mse_norm, cfg.mse_steps,
-                                       axis=-1 if token_axis is None else token_axis)
+                                       axis=token_axis)
         return MinMaxObserver()
     if cfg.observer == 'minmax':
         return MinMaxObserver(**kw)

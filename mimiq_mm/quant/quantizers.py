@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .observers import build_observer
+from .observers import PerTokenMSEObserver, build_observer
 from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine_fused,
                          fake_quantize_log, fake_quantize_per_token,
                          lsq_fake_quantize, lsq_init_step, quant_range)
@@ -133,7 +133,7 @@ class Quantizer(nn.Module):
         self.unsigned.fill_(self._unsigned)
         qmin, qmax = self.quant_min_max
         if self.per_token:  # the clipping ratio of the per-token absmax
-            scale = (obs.best_ratio() if hasattr(obs, 'best_ratio')
+            scale = (obs.best_ratio() if isinstance(obs, PerTokenMSEObserver)
                      else torch.ones((), device=hi.device))
             zero_point = torch.zeros_like(scale)
         elif self.cfg.kind != 'uniform':
@@ -172,7 +172,7 @@ class Quantizer(nn.Module):
         thing); returns False when the quantizer was never calibrated."""
         if not self._initialized:
             return self.calibrate_from(w)
-        if self.cfg.observer == 'minmax' or self.cfg.lsq or self.per_token:
+        if self.cfg.observer == 'minmax' or self.cfg.lsq:
             return self.calibrate_from(w)
         obs = self.observer
         old = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
