@@ -86,6 +86,10 @@ VARIANTS = {
              dict(act=dict(granularity='per_token', observer='minmax'))),
     'a_pt_mse': ('dynamic per-token activation steps, MSE-searched clipping ratio',
                  dict(act=dict(granularity='per_token', observer='mse'))),
+    'mm_per_tensor_mse': ('per-token Linear inputs, attention-matmul inputs (q, k, v) per-tensor '
+                          'with MSE ranges',
+                          dict(overrides={'*_matmul': dict(act=dict(granularity='per_tensor',
+                                                                    observer='mse'))})),
     'a_mse_p3': ('activation ranges minimising the L3 error (clips less than L2)',
                  dict(act=dict(observer='mse', mse_norm=3.0, granularity='per_tensor'))),
     'a_mse_p4': ('activation ranges minimising the L4 error',
