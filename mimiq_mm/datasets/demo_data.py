@@ -595,10 +595,6 @@ def generate_demo_data(out_dir, config: DemoDataConfig = DemoDataConfig(), *,
     images (default: all CPUs, at most 8); the output does not depend on it.
     """
     out_dir = Path(out_dir)
-    if not force and demo_data_is_current(out_dir, config):
-        manifest = json.loads((out_dir / _MANIFEST).read_text())
-        manifest['skipped'] = True
-        return manifest
     # Processes asking for the same folder at once (parallel benchmark runs) take turns: the
     # first generates, the others then find the finished set instead of deleting it under it
     with _generation_lock(out_dir):
