@@ -95,6 +95,11 @@ VARIANTS = {
     'a_mse_p4': ('activation ranges minimising the L4 error',
                  dict(act=dict(observer='mse', mse_norm=4.0, granularity='per_tensor'))),
     'w_minmax': ('weight ranges from min-max', dict(weight=dict(observer='minmax'))),
+    'w_gptq': ('GPTQ weight rounding (error-compensating, from the calibration inputs)',
+               dict(weight=dict(rounding='gptq'))),
+    'w_gptq_a8': ('GPTQ weight rounding, activations and probabilities at 8 bits',
+                  dict(weight=dict(rounding='gptq'), **A8)),
+    'w_nearest': ('nearest weight rounding (no GPTQ)', dict(weight=dict(rounding='nearest'))),
     # one input kind at 8 bits at a time (mmdet/mmseg Swin and timm ViT names)
     'qkv_in8': ('qkv input (post-LayerNorm) at 8 bits',
                 dict(overrides={'*w_msa.qkv': dict(act=dict(bits=8)),
@@ -196,7 +201,7 @@ def main(argv=None):
         q = merge(base_q, changes)
         tag = f'{name}_{args.calib}_{args.bits.lower()}'
         stage_dir = out / tag
-        fingerprint = dict(task=args.task, q=q, sha=sha, calib=args.calib,
+        fingerprint = dict(task=args.task, q=demo.quant_fingerprint(q), sha=sha, calib=args.calib,
                            opts=dataclasses.asdict(opts), synth=str(synth_dir))
         cached = demo.cached_stage(stage_dir, fingerprint, False)
         if cached is None:

@@ -219,7 +219,7 @@ def test_dequantize_restores_float_modules_and_outputs():
     params = {n: p for n, p in model.named_parameters()}
     with torch.no_grad():
         ref = _seg(model, x)
-    quantize_(model)
+    quantize_(model, dict(weight=dict(rounding='nearest')))  # GPTQ would move the weights
     _calibrate(model, _seg, 64, batches=1)
     dequantize_(model)
     assert count_quant_modules(model) == {'QuantLinear': 0, 'QuantConv2d': 0, 'QuantMatMul': 0}
@@ -259,7 +259,9 @@ def test_reparam_at_calibration_keeps_float_function(name):
     x = _img(size, seed=3)
     with torch.no_grad():
         ref = run(model, x)
-    quantize_(model, QuantConfig(reparam=True, act=dict(granularity='per_tensor')))
+    # nearest weight rounding: GPTQ would change the other Linear weights at calibration
+    quantize_(model, QuantConfig(reparam=True, act=dict(granularity='per_tensor'),
+                                 weight=dict(rounding='nearest')))
     before = {n: m.weight.detach().clone() for n, m in model.backbone.named_modules()
               if isinstance(m, nn.LayerNorm)}
     observed = [q for _, q in quantizers(model) if q.observe_channels]
@@ -327,6 +329,7 @@ def test_config_defaults_are_the_one_recipe():
     cfg = QuantConfig()
     assert (cfg.weight.bits, cfg.weight.granularity, cfg.weight.symmetric,
             cfg.weight.observer, cfg.weight.lsq) == (4, 'per_channel', True, 'mse', False)
+    assert cfg.weight.rounding == 'gptq' and cfg.act.rounding == 'nearest'
     assert (cfg.act.bits, cfg.act.granularity, cfg.act.observer, cfg.act.lsq) == (
         4, 'per_token', 'minmax', True)
     assert (cfg.attn_prob.bits, cfg.attn_prob.kind, cfg.attn_prob.lsq) == (4, 'log2', False)

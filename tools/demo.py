@@ -401,6 +401,14 @@ def quant_cfg_for(recipe: Recipe, opts: Options, base: dict) -> dict:
     return q
 
 
+def quant_fingerprint(q: dict) -> dict:
+    """The whole quantizer recipe ``q`` (a partial QuantConfig dict) stands for, with the
+    package defaults filled in: a cached stage made under other defaults (an upgrade that
+    changed ``QuantConfig()``) is not taken for this one."""
+    from mimiq_mm.quant import QuantConfig
+    return canonical(dataclasses.asdict(QuantConfig.from_dict(dict(q))))
+
+
 def mimiq_config(spec: TaskSpec, cfg_options: Optional[dict] = None):
     """The task's demo MimiQ config with ``--cfg-options`` merged in: the one source of the
     quantizer, distiller AND synthesis settings of every stage (``synthesis.*`` overrides
@@ -717,7 +725,9 @@ def run_demo(args) -> dict:
         stage_dir = work_dir / 'stages' / f'{name}_{opts.bits_label.lower()}'
         fingerprint = dict(common, stage=name, recipe=dataclasses.asdict(recipe),
                            synthesis=settings, options=dataclasses.asdict(opts),
-                           cfg_options=args.cfg_options or {})
+                           cfg_options=args.cfg_options or {},
+                           quant=quant_fingerprint(quant_cfg_for(recipe, opts,
+                                                                 base.quant_cfg.to_dict())))
         fingerprint['options'].pop('device', None)
         fingerprint['synthesis'].pop('device', None)
         fingerprint['synthesis'].pop('progress', None)

@@ -2,6 +2,7 @@
 ``set_quant_state`` / ``quant_state``, and iterators over what was quantized."""
 import contextlib
 import itertools
+import logging
 import warnings
 from collections import Counter
 from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .gptq import InputMoments, apply_gptq_
+from .gptq import summarize as summarize_gptq
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .quantizers import Quantizer
 from .reparam import apply_calibrated_reparam_, find_reparam_pairs
@@ -18,6 +21,7 @@ QUANT_MODULE_TYPES = (QuantLinear, QuantConv2d, QuantMatMul)
 # Attribute names the attention adapters give the two products (docs/INTERFACES.md).
 MATMUL_ROLE_BY_ATTR = {'qk_matmul': 'qk', 'av_matmul': 'av'}
 
+_log = logging.getLogger(__name__)
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -220,15 +224,28 @@ def quant_state(model: nn.Module, weight: Optional[bool] = None, act: Optional[b
             q.fake_quant_enabled = enabled
 
 
+def _is_reparam_input(module) -> bool:
+    """A Linear whose input the LayerNorm reparam rescales at the end of calibration (its
+    weight changes then; GPTQ leaves it at nearest rounding)."""
+    q = module.input_quantizer
+    return q is not None and q.observe_channels
+
+
 @contextlib.contextmanager
 def calibration_mode(model: nn.Module, reparam: bool = True):
     """Calibrate every quantizer of ``model``.
 
     Inside the block the model computes in float while the activation observers collect
-    statistics (their previous statistics are cleared on entry). On normal exit: the
-    LayerNorm reparam is folded where ``quantize_(..., reparam=True)`` prepared it (and
-    ``reparam`` is True), weight ranges are computed from the (possibly reparameterised)
-    weights, activation steps from the observers, and ``initialized`` is set. Quantizers
+    statistics (their previous statistics are cleared on entry); Linear layers whose weight
+    quantizer has ``rounding='gptq'`` also gather the second moment of their (rotated)
+    inputs. On normal exit: the LayerNorm reparam is folded where
+    ``quantize_(..., reparam=True)`` prepared it (and ``reparam`` is True), weight ranges
+    are computed from the (possibly reparameterised) weights, the GPTQ layers' weights are
+    rounded onto their grid (:mod:`mimiq_mm.quant.gptq`; written back into the weights),
+    activation steps are computed from the observers, and ``initialized`` is set. GPTQ is a
+    weight update (like fine-tuning): :func:`dequantize_` afterwards gives back float modules
+    holding the rounded weights, so quantize a copy when the float model must stay as it is
+    (the distiller and :func:`mimiq_mm.models.generic.quantize_and_distill` do). Quantizers
     whose module never ran stay uncalibrated (a warning names them). The previous
     enabled/observing state is restored on exit, also when the block raises (then
     nothing is computed).
@@ -243,6 +260,17 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
             if not first_called:
                 first_called.append(module)
         hooks = [m.register_forward_pre_hook(_record_first) for m in weight_layers]
+    gptq_layers = {m: n for m, n in weight_layers.items()
+                   if isinstance(m, QuantLinear) and m.weight_quantizer.cfg.rounding == 'gptq'
+                   and not _is_reparam_input(m)}
+    moments = {m: InputMoments(m.in_features, m.weight.device) for m in gptq_layers}
+
+    def _gather(module, args):
+        x = args[0]
+        if module.input_rotation is not None:
+            x = module.input_rotation(x)
+        moments[module].add(x)
+    hooks += [m.register_forward_pre_hook(_gather) for m in gptq_layers]
     try:
         for q in qs:
             if q.is_weight:
@@ -259,6 +287,8 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
             for _, module in quant_modules(model):
                 if isinstance(module, (QuantLinear, QuantConv2d)):
                     module.weight_quantizer.calibrate_from(module.effective_weight())
+            if gptq_layers:
+                _log.info(summarize_gptq(apply_gptq_(gptq_layers, moments)))
             missing = [q.name or '?' for q in qs
                        if not q.is_weight and not q.compute_qparams()]
         if first_called and not getattr(first_called[0], 'is_network_input', False):

@@ -21,6 +21,8 @@ OBSERVERS = ('minmax', 'percentile', 'ema', 'mse', 'lsq')
 KINDS = ('uniform', 'log2', 'log_sqrt2')
 SIGNEDNESS = ('auto', 'signed', 'unsigned')
 SCOPES = ('backbone', 'all')
+# how a weight goes to its grid point: nearest, or GPTQ's error-compensating order
+ROUNDINGS = ('nearest', 'gptq')
 # Fields of QuantConfig an override may change for one module.
 OVERRIDABLE = ('weight', 'act', 'attn_prob', 'keep_input_float')
 
@@ -76,6 +78,11 @@ class QuantizerConfig:
         ema_momentum: weight of the new batch for observer 'ema'.
         mse_norm: p of the Lp error minimised by observer 'mse'.
         mse_steps: number of clipping ratios tried by observer 'mse'.
+        rounding: weights only: 'nearest' grid point, or 'gptq' (during
+            ``calibration_mode``, each Linear's weight is rounded column by column with the
+            error of each rounding compensated on the remaining columns, using the second
+            moment of its calibration inputs; :mod:`mimiq_mm.quant.gptq`). The grid (step)
+            is the observer's either way.
     """
     bits: int = 4
     granularity: str = 'per_tensor'
@@ -88,6 +95,7 @@ class QuantizerConfig:
     ema_momentum: float = DEFAULT_EMA_MOMENTUM
     mse_norm: float = DEFAULT_MSE_NORM
     mse_steps: int = DEFAULT_MSE_STEPS
+    rounding: str = 'nearest'
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
@@ -100,6 +108,10 @@ class QuantizerConfig:
         _check_choice('signedness', self.signedness, SIGNEDNESS)
         _check_choice('symmetric', self.symmetric, (True, False))
         _check_choice('lsq', self.lsq, (True, False))
+        _check_choice('rounding', self.rounding, ROUNDINGS)
+        if self.rounding != 'nearest' and self.kind != 'uniform':
+            raise ValueError(f"rounding={self.rounding!r} is for weights on a uniform grid, "
+                             f"got kind={self.kind!r}")
         if not MIN_PERCENTILE < float(self.percentile) <= MAX_PERCENTILE:
             raise ValueError(f'percentile={self.percentile!r} is not valid; use a value in '
                              f'({MIN_PERCENTILE:g}, {MAX_PERCENTILE:g}], e.g. '
@@ -163,11 +175,12 @@ def _replace(cfg, changes: Mapping):
 # matmul input is rotated (rotate_inputs) and quantized with a dynamic per-token step (its
 # absmax at run time: nothing about the activation ranges is fitted to the synthetic images,
 # which is what made calibrated per-tensor ranges fail on the demo Swin), weight ranges come
-# from the MSE clipping search, the post-softmax probabilities get a log2 grid. The
+# from the MSE clipping search and Linear weights are GPTQ-rounded onto them from the
+# calibration inputs (mimiq_mm/quant/gptq.py), the post-softmax probabilities get a log2 grid. The
 # per-token clipping ratio starts at 1 and is learnt (LSQ) during fine-tuning.
 def default_weight_config() -> QuantizerConfig:
     return QuantizerConfig(bits=4, granularity='per_channel', symmetric=True,
-                           signedness='signed', observer='mse', lsq=False)
+                           signedness='signed', observer='mse', lsq=False, rounding='gptq')
 
 
 def default_act_config() -> QuantizerConfig:
@@ -239,6 +252,11 @@ class QuantConfig:
             raise ValueError("weight granularity='per_token' is not valid: 'per_token' is for "
                              "activations (a dynamic step per input vector); quantize weights "
                              "'per_channel' or 'per_tensor'")
+        for name in ('act', 'attn_prob'):
+            if getattr(self, name).rounding != 'nearest':
+                raise ValueError(f"{name}.rounding={getattr(self, name).rounding!r}: rounding "
+                                 "applies to weights only; an activation quantizer rounds to "
+                                 "the nearest grid point (set it in QuantConfig.weight)")
         if self.reparam and self.act.granularity != 'per_tensor':
             raise ValueError(f"reparam=True folds per-channel scales chosen for a per-tensor "
                              f"input grid; it needs act.granularity='per_tensor', got "

@@ -58,6 +58,10 @@ class Quantizer(nn.Module):
             raise ValueError("granularity='per_token' is for activations (a weight is "
                              "quantized per_channel or per_tensor; the LayerNorm reparam needs "
                              "per_tensor inputs)")
+        if cfg.rounding != 'nearest' and not is_weight:
+            raise ValueError(f"rounding={cfg.rounding!r} applies to weights only; an "
+                             "activation quantizer rounds to the nearest grid point (set it in "
+                             "QuantConfig.weight)")
         self.token_axis = int(token_axis)
         if per_channel and (ch_axis is None or not num_channels):
             raise ValueError('a per-channel quantizer needs ch_axis and num_channels')
@@ -184,6 +188,14 @@ class Quantizer(nn.Module):
         param = self._qparam()
         param.data.mul_(factor.reshape(param.shape).to(param.dtype))
         return True
+
+    @torch.no_grad()
+    def rebase_weight_statistics_(self, w: Tensor) -> None:
+        """Take ``w`` as the weight the calibrated range belongs to, keeping the step: the
+        observer's statistics are re-read from ``w`` (a weight that GPTQ moved onto the grid;
+        :meth:`follow_weight_` later rescales relative to these)."""
+        self.observer.reset()
+        self.observer(w)
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

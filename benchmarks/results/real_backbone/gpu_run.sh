@@ -5,6 +5,8 @@
 # so a second call with the same arguments finishes what the first left.
 #   bash benchmarks/results/real_backbone/gpu_run.sh dinov2 OUT   # real-backbone W4A4, 3 seeds
 #   bash benchmarks/results/real_backbone/gpu_run.sh more OUT     # demo Swins, W6A6/W3A3/W2A4
+#   bash benchmarks/results/real_backbone/gpu_run.sh gptqA OUT    # GPTQ rounding vs nearest,
+#   bash benchmarks/results/real_backbone/gpu_run.sh gptqB OUT    #   paired on the same images
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -15,16 +17,37 @@ out=$2
 budget=${BUDGET:-400}
 limit=${LIMIT:-585}
 mkdir -p "$out"
+end=$((SECONDS + limit))  # one deadline for every chained process of this call
 one() {  # name, accuracy.py arguments... (in the foreground)
-    local name=$1
+    local name=$1 work=${1%_bits} left=$((end - SECONDS))
+    work=${work%_nearest}
     shift
-    timeout "$limit" python3 benchmarks/accuracy.py --out "$out/$name" \
-        --work-dir "work_dirs/gpu_${name%_bits}" --time-budget "$budget" "$@" \
+    [ "$left" -gt 10 ] || return 0
+    timeout "$left" python3 benchmarks/accuracy.py --out "$out/$name" \
+        --work-dir "work_dirs/gpu_$work" --time-budget "$budget" "$@" \
         >> "$out/$name.log" 2>&1
 }
 run() { one "$@" & }
 W4='--bits W4A4'
-if [ "$mode" = dinov2 ]; then
+NEAREST='--cfg-options quant_cfg.weight.rounding=nearest'
+pair() {  # name, task, seed, PTQ rows of the default (GPTQ)...: then PTQ on the same MimiQ
+    # images with nearest rounding, then the full pipeline (default) last
+    local name=$1 task=$2 seed=$3
+    shift 3
+    one "$name" --tasks "$task" --seed "$seed" --rows "$@" $W4
+    one "${name}_nearest" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $NEAREST
+    [ -n "${PTQ_ONLY:-}" ] || one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4
+}
+if [ "$mode" = gptqA ]; then
+    # the _nearest runs share the work dir (and so the synthetic images) of their pair
+    (pair det_dinov2_s0 det_dinov2 0 ptq_mimiq ptq_real) &
+    (pair seg_dinov2_s0 seg_dinov2 0 ptq_mimiq ptq_real) &
+    (pair det_dinov2_s1 det_dinov2 1 ptq_mimiq) &
+elif [ "$mode" = gptqB ]; then
+    (pair det_dinov2_s2 det_dinov2 2 ptq_mimiq) &
+    (pair seg_dinov2_s1 seg_dinov2 1 ptq_mimiq) &
+    (PTQ_ONLY=1 pair det_swin_s0 det 0 ptq_mimiq; PTQ_ONLY=1 pair seg_swin_s0 seg 0 ptq_mimiq) &
+elif [ "$mode" = dinov2 ]; then
     for t in det_dinov2 seg_dinov2; do
         run "${t}_s0" --tasks "$t" --rows float ptq_real ptq_mimiq mimiq $W4
         run "${t}_s1" --tasks "$t" --rows ptq_mimiq mimiq $W4 --seed 1
