@@ -247,8 +247,10 @@ class Benchmark:
                                     self.settings.get('cfg_options'))
             cfg.resume = False
             result = demo.run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, row)
+        quant = {} if recipe is None else dict(
+            quant=demo.quant_fingerprint(cfg.quant_cfg))
         return dict(task=task, row=row, bits=bits, label='float teacher' if recipe is None
-                    else recipe.label, metrics=result['metrics'],
+                    else recipe.label, metrics=result['metrics'], **quant,
                     seconds=dict(timer.seconds, total=time.perf_counter() - start),
                     notes=timer.notes,
                     finished=datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -56,9 +56,12 @@ def group_key(cell: dict, settings: dict) -> tuple:
     uses_images = cell['row'] != 'float'
     rest = {k: v for k, v in settings.items()
             if k not in SEED_LEVEL + _OWN_COLUMN} if uses_images else {}
+    # the whole quantizer recipe the cell ran with (recorded since GPTQ became a default):
+    # cells of another package default are another experiment
+    quant = json.dumps(cell.get('quant'), sort_keys=True)
     return (cell['task'], cell['row'], cell['bits'],
             settings.get('num_images') if uses_images else None,
-            json.dumps(options, sort_keys=True), json.dumps(rest, sort_keys=True))
+            json.dumps(options, sort_keys=True), json.dumps(rest, sort_keys=True), quant)
 
 
 def collect(paths, float_path=None, rows=None, bits=None) -> dict:
@@ -100,7 +103,7 @@ def collect(paths, float_path=None, rows=None, bits=None) -> dict:
 def summarise(data: dict) -> list:
     rows = []
     for key, runs in sorted(data['groups'].items(), key=lambda kv: tuple(map(str, kv[0]))):
-        task, row, bits, images, options, rest = key
+        task, row, bits, images, options, rest, _ = key
         seeds = sorted(runs)
         metrics = list(runs[seeds[0]]['metrics'])
         stats = {}

@@ -45,10 +45,17 @@ def test_calibration_with_gptq_beats_nearest_on_held_out_inputs():
     errors = {}
     for rounding in ('nearest', 'gptq'):
         mlp, student = _quantized_mlp(rounding)
+        report = {}
         with torch.no_grad():
-            with calibration_mode(student):
+            with calibration_mode(student, report=report):
                 student(x[:512])
             errors[rounding] = float(((student(x[512:]) - mlp(x[512:])) ** 2).mean())
+        if rounding == 'gptq':  # every Linear, each with a lower in-sample output error
+            assert sorted(report['gptq']) == ['0', '2']
+            assert all(0 < r < 1 for r in report['gptq'].values())
+            assert report['gptq_summary'].startswith('GPTQ rounded 2 layers')
+        else:
+            assert 'gptq' not in report
     assert errors['gptq'] < 0.9 * errors['nearest']
 
 

@@ -488,7 +488,8 @@ def quant_summary(task: str, cfg_options: dict) -> str:
            + (', MSE-searched clipping ratio)' if q.act.observer == 'mse' else ')')
            if q.act.granularity == 'per_token'
            else f'{q.act.granularity.replace("_", "-")}, `{q.act.observer}` ranges')
-    text = (f'weights per-channel, `{q.weight.observer}` ranges; activations {act}; '
+    rounding = 'GPTQ rounding' if q.weight.rounding == 'gptq' else 'nearest rounding'
+    text = (f'weights per-channel, `{q.weight.observer}` ranges, {rounding}; activations {act}; '
             f'post-softmax probabilities '
             + (f'log quantizer `{q.attn_prob.kind}`' if q.attn_prob.kind != 'uniform'
                else f'uniform, `{q.attn_prob.observer}` ranges')

@@ -280,7 +280,8 @@ class MimiQCalibrationHook(Hook):
         statistics are merged across ranks before the qparams are computed."""
         from mimiq_mm.quant import calibration_mode
         seen = 0
-        with calibration_mode(model.student):
+        report: dict = {}
+        with calibration_mode(model.student, report=report):
             for batch in loader:
                 data = model.data_preprocessor(batch, True)
                 model.loss(**data)
@@ -290,6 +291,8 @@ class MimiQCalibrationHook(Hook):
             if seen == 0:
                 raise RuntimeError('Calibration saw no batch: the dataloader is empty.')
             sync_observers_(model.student)
+        if 'gptq_summary' in report:
+            print_log(report['gptq_summary'], logger='current')
 
 
 def _mimiq_loop():

@@ -276,10 +276,14 @@ def quantize_and_distill(model: nn.Module, images: Union[Tensor, Sequence[Tensor
                         history=[])
 
     student.eval()
-    with calibration_mode(student):
+    calib: dict = {}
+    with calibration_mode(student, report=calib):
         for x in train[:settings.calib_batches or len(train)]:
             forward(student, x.to(device))
     say(f'calibrated on {min(len(train), settings.calib_batches or len(train))} batches')
+    if 'gptq_summary' in calib:
+        report['gptq'] = calib['gptq_summary']
+        say(calib['gptq_summary'])
     if not settings.iters:
         report['kept'] = 'ptq (no fine-tuning)'
         restore_teacher()

@@ -232,7 +232,7 @@ def _is_reparam_input(module) -> bool:
 
 
 @contextlib.contextmanager
-def calibration_mode(model: nn.Module, reparam: bool = True):
+def calibration_mode(model: nn.Module, reparam: bool = True, report: Optional[dict] = None):
     """Calibrate every quantizer of ``model``.
 
     Inside the block the model computes in float while the activation observers collect
@@ -245,7 +245,9 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
     activation steps are computed from the observers, and ``initialized`` is set. GPTQ is a
     weight update (like fine-tuning): :func:`dequantize_` afterwards gives back float modules
     holding the rounded weights, so quantize a copy when the float model must stay as it is
-    (the distiller and :func:`mimiq_mm.models.generic.quantize_and_distill` do). Quantizers
+    (the distiller and :func:`mimiq_mm.models.generic.quantize_and_distill` do). ``report``
+    (a dict), when given, receives ``'gptq'``: {layer name: GPTQ output error / nearest
+    rounding's on the calibration inputs} and ``'gptq_summary'``, one line of text. Quantizers
     whose module never ran stay uncalibrated (a warning names them). The previous
     enabled/observing state is restored on exit, also when the block raises (then
     nothing is computed).
@@ -288,7 +290,10 @@ def calibration_mode(model: nn.Module, reparam: bool = True):
                 if isinstance(module, (QuantLinear, QuantConv2d)):
                     module.weight_quantizer.calibrate_from(module.effective_weight())
             if gptq_layers:
-                _log.info(summarize_gptq(apply_gptq_(gptq_layers, moments)))
+                ratios = apply_gptq_(gptq_layers, moments)
+                _log.info(summarize_gptq(ratios))
+                if report is not None:
+                    report.update(gptq=ratios, gptq_summary=summarize_gptq(ratios))
             missing = [q.name or '?' for q in qs
                        if not q.is_weight and not q.compute_qparams()]
         if first_called and not getattr(first_called[0], 'is_network_input', False):
