@@ -252,6 +252,51 @@ def profile_steps(step, device, steps: int, flops_per_step: float, top: int = 8)
                           category=kernel_category(n)) for n, us in top_kernels])
 
 
+def count_graph_breaks(teacher, name: str, size: int) -> dict:
+    """Graph breaks and graphs of one compile='full' synthesis step (dynamo only: no code
+    generation, so it runs anywhere in seconds)."""
+    from mimiq_mm.synthesis import SynthesisConfig
+    from mimiq_mm.synthesis import build_method as build_synthesis_method
+    method = build_synthesis_method(SynthesisConfig(image_size=size, compile='full', bf16=True),
+                                    teacher, True)
+    x = torch.randn(1, 3, size, size, device=teacher_device(teacher), requires_grad=True)
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    with teacher.frozen(), method.recorder() as rec:
+        explained = torch._dynamo.explain(method._full_step)(x * 1.0, x, torch.Generator(), rec)
+    reasons = sorted({str(r.reason).splitlines()[0][:120] for r in explained.break_reasons})
+    row = dict(backbone=name, size=size, graph_breaks=explained.graph_break_count,
+               graphs=explained.graph_count, reasons=reasons,
+               seconds=round(time.perf_counter() - start, 1))
+    print(f"{name} {size}px: {row['graph_breaks']} graph breaks, {row['graphs']} graph(s)"
+          + (f" ({'; '.join(reasons)})" if reasons else ''))
+    return row
+
+
+def teacher_device(teacher):
+    return next(teacher.model.parameters()).device
+
+
+def write_graph_breaks(out: Path, device, rows, note: str = '') -> None:
+    info = machine_info(device)
+    where = (f"{info['card'] if device.type == 'cuda' else info['cpu']}, "
+             f"torch {torch.__version__}")
+    md = ['# Graph breaks of the compile=\'full\' synthesis step', '',
+          f'`python benchmarks/bench_synthesis.py --graph-breaks --backbones '
+          f'{" ".join(r["backbone"] for r in rows)}` (torch._dynamo.explain of one bf16 step, '
+          f'batch 1). Machine: {where}; commit {git_commit()}.', '',
+          *([note, ''] if note else []),
+          '| backbone | size | graph breaks | graphs | reasons |', '|---|---:|---:|---:|---|']
+    md += [f"| {r['backbone']} | {r['size']} | {r['graph_breaks']} | {r['graphs']} | "
+           f"{'; '.join(r['reasons']) or '-'} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f'graph_breaks_{device.type}'
+    stem.with_suffix('.json').write_text(json.dumps(dict(machine=info, commit=git_commit(),
+                                                         rows=rows), indent=1) + '\n')
+    stem.with_suffix('.md').write_text('\n'.join(md) + '\n')
+    print('\n'.join(md))
+
+
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -543,6 +588,11 @@ def main(argv=None):
                              '(torch.profiler) and report the GPU time by kernel category '
                              '(matmul / fused Triton / other), the FLOP rate inside the matmul '
                              'kernels and the top kernels')
+    parser.add_argument('--graph-breaks', action='store_true',
+                        help="only count torch.compile graph breaks of the compile='full' "
+                             "synthesis step (torch._dynamo.explain, bf16, batch 1, the first "
+                             "--sizes value or 224) for each --backbones; runs on CPU; writes "
+                             "graph_breaks_<device>.{json,md}")
     parser.add_argument('--note', default='', help='free text for the report (e.g. load)')
     parser.add_argument('--commit', default=None,
                         help='commit to tag the run with (default: git rev-parse, if any)')
@@ -551,6 +601,12 @@ def main(argv=None):
         parser.error('--warmup must be >= 1')
     t0 = time.perf_counter()
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.graph_breaks:
+        size = (args.sizes or [224])[0]
+        rows = [count_graph_breaks(build_teacher(device, name), name, size)
+                for name in args.backbones]
+        write_graph_breaks(Path(args.out), device, rows, args.note)
+        return
     if device.type != 'cuda' and not args.small:
         parser.error('the full benchmark needs CUDA; use --small on CPU')
     grid = dict(SMALL if args.small else FULL)

@@ -269,6 +269,39 @@ def test_mmcv_multihead_attention_wrapper():
     assert len(calls) == 1
 
 
+def test_mmcv_wrapper_compiles_without_graph_break_and_keeps_the_packed_path():
+    """Under torch.compile the self-attention test cannot read data pointers (a graph break
+    per call, 13 in mmseg's ViT-B): it compares the views' base tensor instead. mmcv's
+    transposed views of one tensor still take the packed projection (one in_proj call);
+    q and k sliced out of one packed tensor are still told apart."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+    from mimiq_mm.attention.adapters import _same_tensor
+    wrapper = randomize_parameters_(MultiheadAttention(32, 4, batch_first=True)).eval()
+    adapt_attention_(wrapper)
+    x = torch.randn(2, 9, 32)
+    want = wrapper(x)
+    calls = []
+    wrapper.attn.in_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(wrapper)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(wrapper, backend='eager', fullgraph=True)
+    calls.clear()
+    torch.testing.assert_close(compiled(x), want, atol=ATOL, rtol=0)
+    assert len(calls) == 1
+
+    def same(kind, t):
+        if kind == 'transposed':
+            return _same_tensor(t.transpose(0, 1), t.transpose(0, 1))
+        packed = t.repeat(1, 1, 2)
+        return _same_tensor(packed[..., :32], packed[..., 32:])
+    for kind, expected in (('transposed', True), ('sliced', False)):
+        assert same(kind, x) is expected
+        torch._dynamo.reset()
+        assert torch.compile(lambda t: torch.tensor(same(kind, t)), backend='eager',
+                             fullgraph=True)(x).item() is expected
+
+
 # --- unsupported / registry ---------------------------------------------------------------
 
 

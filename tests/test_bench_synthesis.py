@@ -6,6 +6,7 @@ with every attention layer adapted and step; the ratio column divides by the rig
 The ViTs are the real ones at tiny image sizes (CPU); the DINOv2 weights come from
 `make setup` in the default cache (nothing is downloaded)."""
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,3 +226,16 @@ def test_main_runs_the_dinov2_rows_with_ratios(bench, tmp_path):
     md = (out / 'bench_synthesis_cpu.md').read_text()
     assert '| dinov2_vits14 | fp32 | 1 | 42 |' in md
     assert f"| {fp32['ratio']:.2f} |" in md
+
+
+@pytest.mark.parametrize('name', sorted(TINY_SIZE))
+def test_full_compile_of_the_vit_backbones_has_no_graph_break(bench, teachers, name, tmp_path):
+    """--graph-breaks: the real ViT-B/16 (nn.MultiheadAttention inside mmcv's wrapper) and the
+    DINOv2 ViT-S/14 trace into one graph (the ViT-B had one break per data-pointer
+    comparison of its self-attention test before)."""
+    row = bench.count_graph_breaks(teachers(name), name, TINY_SIZE[name])
+    assert (row['graph_breaks'], row['graphs'], row['reasons']) == (0, 1, [])
+    bench.write_graph_breaks(tmp_path, torch.device('cpu'), [row])
+    saved = json.loads((tmp_path / 'graph_breaks_cpu.json').read_text())
+    assert saved['rows'][0]['backbone'] == name
+    assert f'| {name} | {TINY_SIZE[name]} | 0 | 1 |' in (tmp_path / 'graph_breaks_cpu.md').read_text()

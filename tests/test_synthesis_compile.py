@@ -13,7 +13,7 @@ import torch
 from mimiq_mm.attention import adapt_attention_
 from mimiq_mm.synthesis import BatchContext, SynthesisConfig, as_teacher, build_method
 from mimiq_mm.synthesis.teacher import SynthesisTeacher
-from mimiq_mm.testing import randomize_parameters_, tiny_timm_vit
+from mimiq_mm.testing import build_upstream_backbone, randomize_parameters_, tiny_timm_vit
 
 SIZE = 32
 
@@ -33,7 +33,21 @@ def _tiny_timm_vit():
     return as_teacher(tiny_timm_vit(img_size=SIZE))
 
 
-MODELS = {'mmdet_swin': _tiny_mmdet_swin, 'timm_vit': _tiny_timm_vit}
+def _tiny_mmseg_vit():
+    """mmseg's VisionTransformer (the UperNet ViT-B/16 backbone, attention through
+    nn.MultiheadAttention inside mmcv's wrapper) scaled down: 2 layers, 2 heads."""
+    backbone, pre = build_upstream_backbone('upernet_vit', img_size=(SIZE, SIZE),
+                                            patch_size=8, embed_dims=32, num_layers=2,
+                                            num_heads=2, mlp_ratio=2, out_indices=(0, 1),
+                                            drop_path_rate=0.0)
+    randomize_parameters_(backbone, std=0.1)
+    backbone.eval()
+    return SynthesisTeacher(backbone, mean=tuple(pre.mean), std=tuple(pre.std),
+                            kind='backbone')
+
+
+MODELS = {'mmdet_swin': _tiny_mmdet_swin, 'timm_vit': _tiny_timm_vit,
+          'mmseg_vit': _tiny_mmseg_vit}
 
 
 @pytest.fixture(scope='module', params=sorted(MODELS))

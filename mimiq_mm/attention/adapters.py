@@ -115,12 +115,25 @@ class TimmAttentionAdapter(AttentionAdapter):
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``a`` and ``b`` are the same tensor or identical views of the same memory."""
+    """True when ``a`` and ``b`` are the same tensor or identical views of the same memory
+    (mmcv's MultiheadAttention passes ``query.transpose(0, 1)``, ``key.transpose(0, 1)``
+    and ``value.transpose(0, 1)`` of one tensor for self-attention).
+
+    Eager: same shape, strides and data pointer. Under ``torch.compile`` a data pointer or
+    storage offset cannot be traced (each read is a graph break), so there two views count
+    as the same when they view the same base tensor with the same shape and strides and
+    cover all of it (then their offsets agree too); views of part of a base, e.g. q and k
+    sliced out of one packed tensor, are taken as different (the slower, always-correct
+    path: one projection per input)."""
     if a is b:
         return True
-    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
-            and a.requires_grad == b.requires_grad)
+    if not (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.stride() == b.stride() and a.requires_grad == b.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        base = a._base
+        return base is not None and base is b._base and a.numel() == base.numel()
+    return a.data_ptr() == b.data_ptr()
 
 
 def _canonical_float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype,
