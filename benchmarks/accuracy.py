@@ -249,6 +249,8 @@ class Benchmark:
             result = demo.run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, row)
         quant = {} if recipe is None else dict(
             quant=demo.quant_fingerprint(cfg.quant_cfg))
+        if result.get('keep_best'):  # which student a fine-tuned cell scored
+            quant['keep_best'] = result['keep_best']
         return dict(task=task, row=row, bits=bits, label='float teacher' if recipe is None
                     else recipe.label, metrics=result['metrics'], **quant,
                     seconds=dict(timer.seconds, total=time.perf_counter() - start),

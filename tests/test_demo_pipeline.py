@@ -98,6 +98,9 @@ def test_demo_end_to_end_then_cached(tmp_path, standin_teacher, capsys):
         _check_png(work_dir / name)
     md = (work_dir / 'results.md').read_text()
     assert '| float teacher | W32A32 |' in md and 'MimiQ' in md
+    # 2 synthetic images are too few to hold any out: no keep-best decision to show
+    assert 'student scored (keep-best)' in md
+    assert [r['kept'] for r in results['rows']] == ['-'] * 4
     for label in ('float teacher', 'PTQ on Gaussian noise', 'MimiQ', 'Quantizers ('):
         assert label in out
     assert 'total' in out
@@ -108,6 +111,18 @@ def test_demo_end_to_end_then_cached(tmp_path, standin_teacher, capsys):
     assert 'cached' in again['stage_notes']['float: eval']
     assert 'cached' in again['stage_notes']['mimiq']
     assert 'mimiq: fine-tuning' not in again['stage_seconds']
+
+
+def test_kept_column_says_which_student_a_row_scored(tmp_path):
+    demo = _demo_module()
+    assert demo.kept_text(None) == '-'
+    record = dict(heldout_images=8, heldout_ptq=0.7104, heldout_finetuned=0.6801,
+                  kept='finetuned')
+    assert demo.kept_text(record) == 'fine-tuned (held-out loss 0.710 -> 0.680)'
+    assert demo.kept_text(dict(record, kept='ptq')).startswith('calibrated (PTQ)')
+    (tmp_path / 'keep_best.json').write_text(json.dumps(record))
+    assert demo.attach_keep_best({'metrics': {}}, tmp_path)['keep_best'] == record
+    assert 'keep_best' not in demo.attach_keep_best({}, tmp_path / 'missing')
 
 
 def test_demo_refuses_missing_checkpoint(tmp_path):

@@ -161,8 +161,11 @@ def _seg_batch(num_images=2, size=64):
 
 def _build_distiller(model_cfg, ckpt, scope='backbone', **kwargs):
     from mimiq_mm.models import MimiQDistiller
-    quant = kwargs.pop('quant_cfg', None) or dict(weight=dict(bits=4), act=dict(bits=4),
-                                                  attn_prob=dict(bits=4), scope=scope)
+    # nearest weight rounding: with fake-quant off the student must equal the teacher (the
+    # default GPTQ rounding writes its rounded weights into the student at calibration)
+    quant = kwargs.pop('quant_cfg', None) or dict(weight=dict(bits=4, rounding='nearest'),
+                                                  act=dict(bits=4), attn_prob=dict(bits=4),
+                                                  scope=scope)
     return MimiQDistiller(teacher=copy.deepcopy(model_cfg), teacher_checkpoint=str(ckpt),
                           quant_cfg=quant, **kwargs)
 

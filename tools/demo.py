@@ -603,8 +603,27 @@ def run_quant(spec: TaskSpec, recipe: Recipe, cfg, stage_dir: Path, synth_dir: P
         metrics = runner.test()
         timer.add(f'{prefix}: eval', time.perf_counter() - start)
         extra = after_test(runner) if after_test is not None else None
-    return dict(metrics=_extract(metrics, spec), raw_metrics=metrics, extra=extra,
-                synthetic_dir=str(synth_dir))
+    return attach_keep_best(dict(metrics=_extract(metrics, spec), raw_metrics=metrics,
+                                 extra=extra, synthetic_dir=str(synth_dir)), stage_dir)
+
+
+def attach_keep_best(result: dict, stage_dir: Path) -> dict:
+    """Add ``MimiQKeepBestHook``'s decision (``<stage>/keep_best.json``) to a stage result."""
+    keep_best = read_json(stage_dir / 'keep_best.json')
+    if isinstance(keep_best, dict) and 'kept' in keep_best:
+        result['keep_best'] = keep_best
+    return result
+
+
+def kept_text(keep_best: Optional[dict]) -> str:
+    """Which student a fine-tuned row scored and why, e.g. 'fine-tuned (held-out loss
+    0.669 -> 0.663)'; '-' for a row without a decision (PTQ)."""
+    if not keep_best:
+        return '-'
+    name = {'finetuned': 'fine-tuned', 'ptq': 'calibrated (PTQ)'}.get(keep_best['kept'],
+                                                                    str(keep_best['kept']))
+    return (f"{name} (held-out loss {keep_best['heldout_ptq']:.3f} -> "
+            f"{keep_best['heldout_finetuned']:.3f})")
 
 
 def canonical(obj):
@@ -651,10 +670,11 @@ def attention_figure(runner, path: Path, spec: TaskSpec) -> dict:
 # ----------------------------------------------------------------------------- the demo
 def build_rows(spec: TaskSpec, opts: Options, stage_results: Dict[str, dict]) -> List[dict]:
     float_metrics = stage_results['float']['metrics']
-    rows = [dict(method='float', label='float teacher', wa='W32A32', **float_metrics)]
+    rows = [dict(method='float', label='float teacher', wa='W32A32', kept='-', **float_metrics)]
     for name in DEMO_RECIPES:
         recipe = RECIPES[name]
         rows.append(dict(method=name, label=recipe.label, wa=opts.bits_label,
+                         kept=kept_text(stage_results[name].get('keep_best')),
                          **stage_results[name]['metrics']))
     for row in rows:
         row['pct_of_float'] = percent_of(row[spec.primary.name],
@@ -667,6 +687,7 @@ def table_columns(spec: TaskSpec) -> List[Column]:
     cols += [Column(m.name, m.label, lambda v: f'{100 * v:.1f}') for m in spec.metrics]
     cols.append(Column('pct_of_float', f'% of float ({spec.primary.label})',
                        lambda v: f'{v:.1f}%'))
+    cols.append(Column('kept', 'student scored (keep-best)', align='<'))
     return cols
 
 
@@ -751,7 +772,7 @@ def run_demo(args) -> dict:
             cached = result
         else:
             timer.add(f'{name}', 0.0, 'cached')
-        results[name] = cached
+        results[name] = attach_keep_best(cached, stage_dir)
 
     from mimiq_mm.utils.figures import results_bar_chart, synthetic_contact_sheet
     rows = build_rows(spec, opts, results)
