@@ -75,6 +75,18 @@ class Observer(nn.Module):
     def _update(self, rows: Tensor, lo: Tensor, hi: Tensor) -> None:
         """Hook for subclasses (called before min/max and num_batches are updated)."""
 
+    @torch.no_grad()
+    def set_min_max_(self, x: Tensor) -> None:
+        """Replace the running min / max by those of ``x`` alone, leaving the method's own
+        statistics (e.g. the MSE search's) as they are: what a weight range that follows
+        its weight needs, without searching again."""
+        rows = _as_rows(x.detach().float(), self.ch_axis)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        if self.ch_axis is None:
+            lo, hi = lo[0], hi[0]
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+
     def compute_range(self) -> Tuple[Tensor, Tensor]:
         return self.min_val.clone(), self.max_val.clone()
 

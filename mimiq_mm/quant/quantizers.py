@@ -180,8 +180,7 @@ class Quantizer(nn.Module):
             return self.calibrate_from(w)
         obs = self.observer
         old = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
-        obs.reset()
-        obs(w)
+        obs.set_min_max_(w)  # min / max only: no new MSE search at every fine-tuning step
         new = torch.maximum(obs.max_val.abs(), obs.min_val.abs())
         factor = torch.where(old > 0, new / old.clamp(min=torch.finfo(old.dtype).tiny),
                              torch.ones_like(old))
@@ -192,10 +191,9 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def rebase_weight_statistics_(self, w: Tensor) -> None:
         """Take ``w`` as the weight the calibrated range belongs to, keeping the step: the
-        observer's statistics are re-read from ``w`` (a weight that GPTQ moved onto the grid;
-        :meth:`follow_weight_` later rescales relative to these)."""
-        self.observer.reset()
-        self.observer(w)
+        observer's min / max are re-read from ``w`` (a weight that GPTQ moved onto the grid;
+        :meth:`follow_weight_` later rescales relative to them)."""
+        self.observer.set_min_max_(w)
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
