@@ -266,13 +266,12 @@ def calibration_mode(model: nn.Module, reparam: bool = True, report: Optional[di
                    if isinstance(m, QuantLinear) and m.weight_quantizer.cfg.rounding == 'gptq'
                    and not _is_reparam_input(m)}
     moments = {m: InputMoments(m.in_features, m.weight.device) for m in gptq_layers}
-
-    def _gather(module, args):
-        x = args[0]
-        if module.input_rotation is not None:
-            x = module.input_rotation(x)
-        moments[module].add(x)
-    hooks += [m.register_forward_pre_hook(_gather) for m in gptq_layers]
+    for m, stats in moments.items():
+        # the input quantizer sees the input already rotated (x R, the basis of W R); a
+        # layer with a float input has no quantizer and no rotation
+        where = m.input_quantizer if m.input_quantizer is not None else m
+        hooks.append(where.register_forward_pre_hook(
+            lambda _, args, stats=stats: stats.add(args[0])))
     try:
         for q in qs:
             if q.is_weight:
@@ -291,9 +290,10 @@ def calibration_mode(model: nn.Module, reparam: bool = True, report: Optional[di
                     module.weight_quantizer.calibrate_from(module.effective_weight())
             if gptq_layers:
                 ratios = apply_gptq_(gptq_layers, moments)
-                _log.info(summarize_gptq(ratios))
+                summary = summarize_gptq(ratios)
+                _log.info(summary)
                 if report is not None:
-                    report.update(gptq=ratios, gptq_summary=summarize_gptq(ratios))
+                    report.update(gptq=ratios, gptq_summary=summary)
             missing = [q.name or '?' for q in qs
                        if not q.is_weight and not q.compute_qparams()]
         if first_called and not getattr(first_called[0], 'is_network_input', False):

@@ -21,6 +21,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .primitives import fake_quantize_affine
+
 #: relative damping added to the diagonal of H (fraction of its mean diagonal)
 GPTQ_DAMP = 0.01
 #: columns rounded together before the rest of the matrix is updated (lazy batch updates)
@@ -43,8 +45,11 @@ class InputMoments:
             self.rows += x.shape[0]
 
 
-def _fake_round(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    return (torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax) - zero_point) * scale
+def _round(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Nearest rounding of ``w`` (out x k) on the weight quantizer's grid (per output channel:
+    ``scale`` of shape (out,); per tensor: 0-d)."""
+    axis = 0 if scale.dim() == 1 else None
+    return fake_quantize_affine(w, scale, zero_point, qmin, qmax, axis=axis, ste=False)
 
 
 @torch.no_grad()
@@ -55,9 +60,8 @@ def gptq_round(weight: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmi
     qmax)`` (per output channel: shape (out,), or scalars), for inputs with second moment
     ``h`` (in x in). Returns None when ``h`` cannot be factorised even with more damping."""
     w = weight.detach().float().clone()
-    out_ch, in_ch = w.shape
-    scale = scale.detach().float().reshape(-1, 1).expand(out_ch, 1)
-    zero_point = zero_point.detach().float().reshape(-1, 1).expand(out_ch, 1)
+    in_ch = w.shape[1]
+    scale, zero_point = scale.detach().float(), zero_point.detach().float()
     h = h.detach().float().clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
@@ -86,7 +90,7 @@ def gptq_round(weight: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmi
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i:i + 1]
-            qcol = _fake_round(col, scale, zero_point, qmin, qmax)
+            qcol = _round(col, scale, zero_point, qmin, qmax)
             q[:, i1 + i:i1 + i + 1] = qcol
             err = (col - qcol) / hinv1[i, i]
             w1[:, i:] -= err @ hinv1[i:i + 1, i:]
@@ -126,8 +130,7 @@ def apply_gptq_(layers: Dict, moments: Dict) -> Dict[str, float]:
         if q is None:
             failed.append(name)
             continue
-        nearest = _fake_round(w_eff.float(), scale.float().reshape(-1, 1),
-                              zp.float().reshape(-1, 1), qmin, qmax)
+        nearest = _round(w_eff.float(), scale.float(), zp.float(), qmin, qmax)
         base = output_error(w_eff, nearest, stats.h)
         ratios[name] = output_error(w_eff, q, stats.h) / base if base > 0 else 1.0
         module.weight.copy_(module.weight_from_effective(q).to(module.weight.dtype))
