@@ -58,14 +58,19 @@ class Observer(nn.Module):
     def has_data(self) -> bool:
         return bool(self.num_batches > 0)
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == 0:
-            return x
+    def _rows_min_max(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(C, M) rows of ``x`` and their min / max (0-d per tensor)."""
         rows = _as_rows(x.detach().float(), self.ch_axis)
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         if self.ch_axis is None:
             lo, hi = lo[0], hi[0]
+        return rows, lo, hi
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        rows, lo, hi = self._rows_min_max(x)
         self._update(rows, lo, hi)
         torch.minimum(self.min_val, lo, out=self.min_val)
         torch.maximum(self.max_val, hi, out=self.max_val)
@@ -80,10 +85,7 @@ class Observer(nn.Module):
         """Replace the running min / max by those of ``x`` alone, leaving the method's own
         statistics (e.g. the MSE search's) as they are: what a weight range that follows
         its weight needs, without searching again."""
-        rows = _as_rows(x.detach().float(), self.ch_axis)
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-        if self.ch_axis is None:
-            lo, hi = lo[0], hi[0]
+        _, lo, hi = self._rows_min_max(x)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
 
