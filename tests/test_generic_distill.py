@@ -31,6 +31,7 @@ def test_quantize_and_distill_on_a_timm_classifier():
     qs = [q for _, q in quantizers(student)]
     assert qs and all(q.is_initialized for q in qs)
     assert report['num_train_batches'] == 3 and report['num_heldout_batches'] == 1
+    assert report['gptq_summary'].startswith('GPTQ rounded ')  # the default rounding
     assert report['kept'] in ('finetuned', 'ptq')
     assert [h['iter'] for h in report['history']] == [3, 6]
     assert set(report['history'][0]) == {'iter', 'loss_hsad', 'loss_kd_out'}

@@ -225,7 +225,8 @@ def quantize_and_distill(model: nn.Module, images: Union[Tensor, Sequence[Tensor
     Returns:
         ``(student, report)``: the student (eval mode, quantizers calibrated) and a dict with
         the held-out losses (``heldout_ptq``, ``heldout_finetuned``), ``kept``
-        ('finetuned' / 'ptq' / 'ptq (no fine-tuning)') and the loss history.
+        ('finetuned' / 'ptq' / 'ptq (no fine-tuning)'), the loss history and, when weights
+        were GPTQ-rounded, ``gptq_summary`` (the line ``calibration_mode`` reports).
     """
     from mimiq_mm.attention import adapt_attention_
     from mimiq_mm.quant import QuantConfig, calibration_mode, get_scope, quantize_
@@ -282,7 +283,7 @@ def quantize_and_distill(model: nn.Module, images: Union[Tensor, Sequence[Tensor
             forward(student, x.to(device))
     say(f'calibrated on {min(len(train), settings.calib_batches or len(train))} batches')
     if 'gptq_summary' in calib:
-        report['gptq'] = calib['gptq_summary']
+        report['gptq_summary'] = calib['gptq_summary']
         say(calib['gptq_summary'])
     if not settings.iters:
         report['kept'] = 'ptq (no fine-tuning)'
