@@ -100,6 +100,8 @@ VARIANTS = {
     'w_gptq_a8': ('GPTQ weight rounding, activations and probabilities at 8 bits',
                   dict(weight=dict(rounding='gptq'), **A8)),
     'w_nearest': ('nearest weight rounding (no GPTQ)', dict(weight=dict(rounding='nearest'))),
+    'center': ('activations centred: Q(x - m) + m with the calibrated per-channel mean m',
+               dict(act=dict(center=True))),
     # one input kind at 8 bits at a time (mmdet/mmseg Swin and timm ViT names)
     'qkv_in8': ('qkv input (post-LayerNorm) at 8 bits',
                 dict(overrides={'*w_msa.qkv': dict(act=dict(bits=8)),

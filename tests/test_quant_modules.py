@@ -420,7 +420,7 @@ def test_per_token_mse_observer_picks_a_clipping_ratio():
 
 
 def test_per_token_axes_of_linear_conv_and_matmul_factor_out_of_the_product():
-    cfg = QuantConfig(act=dict(granularity='per_token'), rotate_inputs=False)
+    cfg = QuantConfig(act=dict(granularity='per_token', center=False), rotate_inputs=False)
     ql = QuantLinear.from_float(nn.Linear(16, 4), cfg)
     qc = QuantConv2d.from_float(nn.Conv2d(6, 4, 1), cfg)
     qm = QuantMatMul(cfg, role='qk')
@@ -457,3 +457,89 @@ def test_rotation_dense_path_is_the_factored_orthogonal_matrix():
     torch.testing.assert_close(small(eye) @ small(eye).t(), eye, atol=1e-5, rtol=0)
     xw = torch.randn(4, wide.dim, generator=_gen(51))
     torch.testing.assert_close(wide.inverse(wide(xw)), xw, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- centring
+CENTRED = QuantizerConfig(granularity='per_token', observer='minmax', lsq=True, center=True)
+
+
+def test_centred_quantizer_shifts_by_the_calibrated_channel_mean():
+    # rows that share a large per-channel offset (a LayerNorm output of a pretrained ViT)
+    mean = torch.linspace(-6.0, 30.0, 16)
+    x = torch.randn(4, 50, 16, generator=_gen(60)) + mean
+    centred, plain = Quantizer(CENTRED), Quantizer(CENTRED.replace(center=False))
+    for q in (centred, plain):
+        q.calibrate_from(x)
+    torch.testing.assert_close(centred.offset, x.mean(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+    assert plain.offset.numel() == 0 and plain.center_observer is None
+    # Q(x - m) + m, with the per-token step of x - m
+    xc = x - centred.offset
+    step = xc.abs().amax(-1, keepdim=True) / 7
+    ref = torch.clamp(torch.round(xc / step), -8, 7) * step + centred.offset
+    torch.testing.assert_close(centred(x), ref, rtol=1e-5, atol=1e-5)
+    err_c, err_p = ((q(x) - x).pow(2).mean() for q in (centred, plain))
+    assert err_c < 0.05 * err_p  # the grid covers the spread, not the offset
+    # a non-negative input is centred onto a signed grid
+    pos = Quantizer(CENTRED)
+    pos.calibrate_from(torch.rand(8, 16, generator=_gen(61)) * 3)
+    assert not bool(pos.unsigned) and pos.quant_min_max == (-8, 7)
+
+
+def test_centred_matmul_operands_are_shifted_per_head_and_channel():
+    cfg = QuantConfig(act=dict(center=True), rotate_inputs=False)
+    qk, av = QuantMatMul(cfg, role='qk'), QuantMatMul(cfg, role='av')
+    g = _gen(62)
+    q = torch.randn(2, 3, 10, 8, generator=g) + torch.arange(3.0).view(3, 1, 1) * 4
+    kt = torch.randn(2, 3, 8, 12, generator=g) + 5.0
+    attn = torch.softmax(torch.randn(2, 3, 10, 12, generator=g), -1)
+    v = torch.randn(2, 3, 12, 8, generator=g) - 3.0
+    with torch.no_grad():
+        for m in (qk, av):
+            for quantizer in (m.a_quantizer, m.b_quantizer):
+                quantizer.observing = True
+        qk(q, kt), av(attn, v)
+        for m in (qk, av):
+            for quantizer in (m.a_quantizer, m.b_quantizer):
+                quantizer.observing = False
+                quantizer.compute_qparams()
+    assert tuple(qk.a_quantizer.offset.shape) == (3, 1, 8)    # q: per head, per channel
+    assert tuple(qk.b_quantizer.offset.shape) == (3, 8, 1)    # kᵀ: channels on axis -2
+    assert tuple(av.b_quantizer.offset.shape) == (3, 1, 8)    # v
+    assert av.a_quantizer.offset.numel() == 0                # log2 probabilities: not centred
+    torch.testing.assert_close(qk.a_quantizer.offset, q.mean(dim=(0, 2)).unsqueeze(1))
+    # a 3-d operand (heads folded into the batch) is shifted per channel only
+    flat = Quantizer(CENTRED, center_axis=-1, head_axis=-3)
+    flat.calibrate_from(q.reshape(6, 10, 8))
+    assert tuple(flat.offset.shape) == (8,)
+
+
+def test_centred_state_dict_loads_into_a_fresh_model_and_old_checkpoints_load():
+    cfg = QuantConfig(act=dict(center=True), rotate_inputs=False)
+    x = torch.randn(6, 5, 16, generator=_gen(63)) + 3.0
+    src, dst = (QuantLinear.from_float(nn.Linear(16, 4), cfg) for _ in range(2))
+    src.input_quantizer.calibrate_from(x)
+    src.weight_quantizer.calibrate_from(src.effective_weight())
+    state = src.state_dict()
+    assert tuple(state['input_quantizer.offset'].shape) == (16,)
+    assert dst.input_quantizer.offset.numel() == 0  # sized from data: empty until then
+    dst.load_state_dict(state)
+    torch.testing.assert_close(dst(x), src(x))
+    # a checkpoint from before centring (no offset, no mean): loads, and does not shift
+    old = {k: v for k, v in state.items() if 'offset' not in k and 'center_observer' not in k}
+    dst.load_state_dict(old, strict=False)
+    assert dst.input_quantizer.offset.numel() == 0
+
+
+def test_center_config_errors():
+    with pytest.raises(ValueError, match="center=True needs granularity='per_token'"):
+        QuantizerConfig(granularity='per_tensor', center=True)
+    with pytest.raises(ValueError, match="center=True shifts the input"):
+        QuantizerConfig(granularity='per_token', observer='minmax', signedness='unsigned',
+                        center=True)
+    # moving the centred default to a static grid turns centring off (it goes with the
+    # run-time step); naming center keeps the explicit choice (and its error)
+    assert QuantConfig(act=dict(center=True)).act.center
+    assert not QuantConfig(act=dict(center=True)).act.replace(granularity='per_tensor',
+                                                              observer='mse').center
+    with pytest.raises(ValueError, match="needs granularity='per_token'"):
+        QuantConfig(act=dict(granularity='per_tensor', center=True))

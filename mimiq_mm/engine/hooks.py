@@ -181,7 +181,7 @@ class MimiQSynthesisHook(Hook):
 #: the running min/max, the batch counts and the sums; ``ema_*`` (order-dependent) averaged.
 OBSERVER_REDUCE_OPS = {'min_val': 'min', 'max_val': 'max', 'num_batches': 'sum',
                        'sum_lo': 'sum', 'sum_hi': 'sum', 'abs_sum': 'sum', 'count': 'sum',
-                       'ema_lo': 'mean', 'ema_hi': 'mean'}
+                       'ch_sum': 'sum', 'ema_lo': 'mean', 'ema_hi': 'mean'}
 
 
 @torch.no_grad()
@@ -194,10 +194,10 @@ def sync_observers_(model) -> int:
     buffers reduced; 0 when not distributed."""
     if dist.get_world_size() <= 1:
         return 0
-    from mimiq_mm.quant.observers import Observer
+    from mimiq_mm.quant.observers import ChannelMeanObserver, Observer
     reduced = 0
     for module in model.modules():
-        if not isinstance(module, Observer):
+        if not isinstance(module, (Observer, ChannelMeanObserver)):
             continue
         for name, buf in module.named_buffers(recurse=False):
             op = OBSERVER_REDUCE_OPS.get(name)

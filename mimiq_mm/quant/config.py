@@ -83,6 +83,19 @@ class QuantizerConfig:
             error of each rounding compensated on the remaining columns, using the second
             moment of its calibration inputs; :mod:`mimiq_mm.quant.gptq`). The grid (step)
             is the observer's either way.
+        center: activations only: subtract a calibrated per-channel mean (the mean of each
+            input channel over the calibration data; per head and channel for the attention
+            matmul operands) before quantizing and add it back after: ``Q(x - m) + m``, a
+            static channel-wise shift in the spirit of Outlier Suppression+ (Wei et al.,
+            2023). The float function is unchanged; the grid only has to cover the spread
+            around the mean (a LayerNorm output of a pretrained ViT carries channel means of
+            up to ~4x its channels' typical absmax). When deployed, ``W m`` folds into the
+            consumer's bias (a Linear/Conv input) or costs one matrix-vector product per
+            head (q in q·kᵀ; a shift of k is a per-query constant that softmax ignores).
+            Needs ``granularity='per_token'``: its step is found at run time on ``x - m``,
+            where a static range would have been calibrated on ``x``. A partial change
+            (:meth:`replace`, a dict in ``QuantConfig``) that moves a centred config to
+            another granularity without naming ``center`` turns centring off.
     """
     bits: int = 4
     granularity: str = 'per_tensor'
@@ -96,6 +109,7 @@ class QuantizerConfig:
     mse_norm: float = DEFAULT_MSE_NORM
     mse_steps: int = DEFAULT_MSE_STEPS
     rounding: str = 'nearest'
+    center: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
@@ -140,8 +154,20 @@ class QuantizerConfig:
             if self.signedness == 'signed':
                 raise ValueError(f"kind={self.kind!r} quantizes non-negative inputs; use "
                                  "signedness='auto' or 'unsigned'")
+        _check_choice('center', self.center, (True, False))
+        if self.center and self.granularity != 'per_token':
+            raise ValueError(f"center=True needs granularity='per_token' (a step found at run "
+                             f"time on x - mean); a {self.granularity} range is calibrated on x "
+                             f"itself (set center=False)")
+        if self.center and (self.kind != 'uniform' or self.signedness == 'unsigned'):
+            raise ValueError(f"center=True shifts the input to a signed range around its mean; "
+                             f"it needs kind='uniform' and signedness 'auto' or 'signed', got "
+                             f"kind={self.kind!r}, signedness={self.signedness!r} (set center=False)")
 
     def replace(self, **changes) -> 'QuantizerConfig':
+        if (self.center and 'center' not in changes
+                and changes.get('granularity', 'per_token') != 'per_token'):
+            changes = dict(changes, center=False)  # centring goes with the dynamic grid
         return _replace(self, changes)
 
     @classmethod

@@ -22,11 +22,15 @@ def _make_input_quantizer(cfg, keep_float: bool, num_channels: int, channel_axis
                           observe_channels: bool = False) -> Optional[Quantizer]:
     if keep_float:
         return None
+    # a centred input is shifted per channel: axis -1 of a Linear input, -3 of an NCHW one
+    center_axis = -1 if channel_axis == -1 else -3
     if cfg.act.granularity == 'per_channel':
-        return Quantizer(cfg.act, ch_axis=channel_axis, num_channels=num_channels)
+        return Quantizer(cfg.act, ch_axis=channel_axis, num_channels=num_channels,
+                         center_axis=center_axis)
     if cfg.act.granularity == 'per_token':  # one step per token: over the input channels
-        return Quantizer(cfg.act, token_axis=channel_axis)
-    return Quantizer(cfg.act, num_channels=num_channels, observe_channels=observe_channels)
+        return Quantizer(cfg.act, token_axis=channel_axis, center_axis=center_axis)
+    return Quantizer(cfg.act, num_channels=num_channels, observe_channels=observe_channels,
+                     center_axis=center_axis)
 
 
 def _make_weight_quantizer(cfg, weight: torch.Tensor) -> Quantizer:
@@ -189,9 +193,14 @@ class QuantMatMul(MatMul):
         self.role = role
         # q·kᵀ = (q R)(k R)ᵀ and attn·v = (attn·(v R)) Rᵀ over the head dimension
         self.rotate = bool(cfg.rotate_inputs) and role in ('qk', 'av')
-        # per-token steps run along the reduction axis of a @ b: rows of a, columns of b
-        self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act, token_axis=-1)
-        self.b_quantizer = Quantizer(cfg.act, token_axis=-2)
+        # per-token steps run along the reduction axis of a @ b: rows of a, columns of b.
+        # A centred operand is shifted per (head, channel): q (.., h, N, d) and v
+        # (.., h, M, d) along their last axis, kᵀ (.., h, d, M) along -2.
+        heads = -3 if role in ('qk', 'av') else None
+        self.a_quantizer = Quantizer(cfg.attn_prob if role == 'av' else cfg.act, token_axis=-1,
+                                     center_axis=-1, head_axis=heads)
+        self.b_quantizer = Quantizer(cfg.act, token_axis=-2,
+                                     center_axis=-1 if role == 'av' else -2, head_axis=heads)
         self._float_module = None
 
     @classmethod

@@ -271,6 +271,68 @@ class MeanAbsObserver(Observer):
         return (self.abs_sum / self.count.clamp(min=1)).float()
 
 
+class ChannelMeanObserver(nn.Module):
+    """Running mean of a tensor over every axis except its channel axis (and, for a tensor of
+    4 or more dimensions, its head axis): the shift a centred quantizer subtracts
+    (``QuantizerConfig.center``). Axes are negative (counted from the end), so the mean has
+    the shape of the trailing axes from the first kept one on: ``(C,)`` for a Linear input,
+    ``(C, 1, 1)`` for a Conv2d input, ``(heads, 1, d)`` for q. That shape is known only
+    when the first batch arrives (a matmul operand's head count and width are not known at
+    construction); ``load_state_dict`` takes it from the checkpoint."""
+
+    def __init__(self, channel_axis: int = -1, head_axis: Optional[int] = None):
+        super().__init__()
+        if channel_axis >= 0 or (head_axis is not None and head_axis >= 0):
+            raise ValueError('ChannelMeanObserver axes are counted from the end (negative)')
+        self.channel_axis = int(channel_axis)
+        self.head_axis = None if head_axis is None else int(head_axis)
+        self.register_buffer('ch_sum', torch.zeros(0, dtype=torch.float64))
+        self.register_buffer('count', torch.zeros((), dtype=torch.float64))
+
+    def reset(self) -> None:
+        self.ch_sum = torch.zeros(0, dtype=torch.float64, device=self.count.device)
+        self.count.zero_()
+
+    def has_data(self) -> bool:
+        return bool(self.count > 0)
+
+    def _kept(self, ndim: int) -> Tuple[int, ...]:
+        axes = {self.channel_axis}
+        if self.head_axis is not None and ndim >= 4:
+            axes.add(self.head_axis)
+        if min(axes) < -ndim:
+            raise ValueError(f'a channel mean over axes {sorted(axes)} needs an input of at '
+                             f'least {-min(axes)} dimensions, got {ndim}')
+        return tuple(sorted(a + ndim for a in axes))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        kept = self._kept(x.dim())
+        dims = [d for d in range(x.dim()) if d not in kept]
+        s = x.detach().sum(dim=dims, keepdim=True, dtype=torch.float64)
+        s = s.reshape(s.shape[kept[0]:])
+        if self.ch_sum.numel() == 0:
+            self.ch_sum = s
+        elif self.ch_sum.shape != s.shape:
+            raise ValueError(f'channel mean of shape {tuple(self.ch_sum.shape)} met an input '
+                             f'whose kept axes have shape {tuple(s.shape)}')
+        else:
+            self.ch_sum += s
+        self.count += x.numel() // s.numel()
+        return x
+
+    def mean(self) -> Tensor:
+        return (self.ch_sum / self.count.clamp(min=1)).float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loaded = state_dict.get(prefix + 'ch_sum')
+        if loaded is not None and loaded.shape != self.ch_sum.shape:
+            self.ch_sum = torch.zeros_like(loaded, device=self.count.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def build_observer(cfg, ch_axis: Optional[int] = None, num_channels: Optional[int] = None,
                    token_axis: int = -1) -> Observer:
     """Observer named by ``cfg.observer`` (a :class:`QuantizerConfig`); ``token_axis`` is

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .observers import PerTokenMSEObserver, build_observer
+from .observers import ChannelMeanObserver, PerTokenMSEObserver, build_observer
 from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine_fused,
                          fake_quantize_log, fake_quantize_per_token,
                          lsq_fake_quantize, lsq_init_step, quant_range)
@@ -44,11 +44,16 @@ class Quantizer(nn.Module):
             second matmul operand), so that the scales factor out of the integer product.
             The quantizer's one parameter (``step``) is then the clipping ratio of the
             absmax, not a step.
+        center_axis, head_axis: for ``cfg.center``, the (negative) channel axis of the
+            input and, for inputs of 4+ dimensions, its head axis: the calibrated mean
+            ``offset`` is per (head,) channel, and the quantizer computes
+            ``Q(x - offset) + offset``.
     """
 
     def __init__(self, cfg: QuantizerConfig, ch_axis: Optional[int] = None,
                  num_channels: Optional[int] = None, observe_channels: bool = False,
-                 is_weight: bool = False, token_axis: int = -1):
+                 is_weight: bool = False, token_axis: int = -1, center_axis: int = -1,
+                 head_axis: Optional[int] = None):
         super().__init__()
         if not isinstance(cfg, QuantizerConfig):
             raise ValueError(f'cfg must be a QuantizerConfig, got {type(cfg).__name__}')
@@ -82,6 +87,11 @@ class Quantizer(nn.Module):
         self.register_buffer('zero_point', torch.zeros(shape))
         self.register_buffer('initialized', torch.zeros((), dtype=torch.bool))
         self.register_buffer('unsigned', torch.tensor(cfg.signedness == 'unsigned'))
+        # the per-channel shift of a centred quantizer: empty until calibrated (or when not
+        # centred); its shape comes from the calibration data or the loaded state_dict
+        self.register_buffer('offset', torch.zeros(0))
+        self.center_observer = (ChannelMeanObserver(center_axis, head_axis) if cfg.center
+                                else None)
         self._initialized = False
         self._unsigned = cfg.signedness == 'unsigned'
         self.fake_quant_enabled = True
@@ -103,12 +113,20 @@ class Quantizer(nn.Module):
 
     # --- state_dict mirror --------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'offset'
+        if key not in state_dict:  # a checkpoint from before centring: no shift
+            state_dict[key] = torch.zeros(0)
+        if state_dict[key].shape != self.offset.shape:
+            self.offset = torch.zeros_like(state_dict[key], device=self.offset.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.initialized)
         self._unsigned = bool(self.unsigned)
 
     def reset_calibration(self) -> None:
         self.observer.reset()
+        if self.center_observer is not None:
+            self.center_observer.reset()
+        self.offset = torch.zeros(0, device=self.offset.device)
         self.initialized.fill_(False)
         self._initialized = False
 
@@ -134,6 +152,11 @@ class Quantizer(nn.Module):
             self._unsigned = bool((true_min >= 0).all())
         else:
             self._unsigned = self.cfg.signedness == 'unsigned'
+        offset = torch.zeros(0, device=self.offset.device)
+        if self.center_observer is not None and self.center_observer.has_data():
+            offset = self.center_observer.mean().to(self.offset.device)
+            self._unsigned = False  # x - mean takes both signs
+        self.offset = offset
         self.unsigned.fill_(self._unsigned)
         qmin, qmax = self.quant_min_max
         if self.per_token:  # the clipping ratio of the per-token absmax
@@ -165,6 +188,9 @@ class Quantizer(nn.Module):
         """Reset the observer, observe ``x`` once and compute the qparams (weights)."""
         self.observer.reset()
         self.observer(x)
+        if self.center_observer is not None:
+            self.center_observer.reset()
+            self.center_observer(x)
         return self.compute_qparams()
 
     @torch.no_grad()
@@ -199,6 +225,8 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observer(x)
+            if self.center_observer is not None:
+                self.center_observer(x)
             return x
         if not self.fake_quant_enabled:
             return x
@@ -208,6 +236,12 @@ class Quantizer(nn.Module):
                 'run it under calibration_mode(model) on calibration data first (from '
                 'mimiq_mm.quant import calibration_mode), load a calibrated state_dict, or '
                 'disable fake-quant with set_quant_state(model, weight=False, act=False)')
+        if self.offset.numel():
+            offset = self.offset.to(x.dtype)
+            return self._fake_quant(x - offset) + offset
+        return self._fake_quant(x)
+
+    def _fake_quant(self, x: Tensor) -> Tensor:
         qparam = self._qparam()
         if qparam.dtype != x.dtype:
             qparam = qparam.to(x.dtype)
@@ -227,4 +261,5 @@ class Quantizer(nn.Module):
         c = self.cfg
         return (f'{c.kind} {c.bits}b {c.granularity} sym={c.symmetric} lsq={c.lsq} '
                 f'observer={c.observer} initialized={self._initialized} '
-                f'unsigned={self._unsigned} enabled={self.fake_quant_enabled}')
+                f'unsigned={self._unsigned} enabled={self.fake_quant_enabled}'
+                + (f' centred={tuple(self.offset.shape)}' if self.cfg.center else ''))

@@ -7,6 +7,8 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh more OUT     # demo Swins, W6A6/W3A3/W2A4
 #   bash benchmarks/results/real_backbone/gpu_run.sh gptqA OUT    # GPTQ rounding vs nearest,
 #   bash benchmarks/results/real_backbone/gpu_run.sh gptqB OUT    #   paired on the same images
+#   bash benchmarks/results/real_backbone/gpu_run.sh centerA OUT  # centred activations (PTQ)
+#   bash benchmarks/results/real_backbone/gpu_run.sh centerB OUT  #   and fine-tuning at lr $LR
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -18,8 +20,9 @@ budget=${BUDGET:-400}
 limit=${LIMIT:-585}
 mkdir -p "$out"
 end=$((SECONDS + limit))  # one deadline for every chained process of this call
-one() {  # name, accuracy.py arguments... (in the foreground)
-    local name=$1 work=${1%_bits} left=$((end - SECONDS))
+one() {  # name, accuracy.py arguments... (in the foreground); NAME__x shares NAME's work dir
+    local name=$1 work=${1%%__*} left=$((end - SECONDS))
+    work=${work%_bits}
     work=${work%_nearest}
     shift
     [ "$left" -gt 10 ] || return 0
@@ -38,7 +41,25 @@ pair() {  # name, task, seed, PTQ rows of the default (GPTQ)...: then PTQ on the
     one "${name}_nearest" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $NEAREST
     [ -n "${PTQ_ONLY:-}" ] || one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4
 }
-if [ "$mode" = gptqA ]; then
+CENTER='--cfg-options quant_cfg.act.center=True'
+LR=${LR:-5e-5}
+centre() {  # name, task, seed: PTQ (default, then centred activations) on the same MimiQ
+    # images, then the full pipeline at lr $LR (the earlier cells used 1e-5)
+    local name=$1 task=$2 seed=$3
+    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
+    one "${name}__center" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $CENTER
+    [ -n "${PTQ_ONLY:-}" ] || one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq \
+        $W4 --lr "$LR"
+}
+if [ "$mode" = centerA ]; then  # real-backbone teachers (the DINOv2 file in the cache)
+    (centre det_dinov2_s0 det_dinov2 0) &
+    (centre seg_dinov2_s0 seg_dinov2 0) &
+    (centre det_dinov2_s1 det_dinov2 1) &
+elif [ "$mode" = centerB ]; then  # demo Swins (their checkpoints in the tree) + a 3rd seed
+    (centre det_swin_s0 det 0) &
+    (centre seg_swin_s0 seg 0) &
+    (centre seg_dinov2_s1 seg_dinov2 1) &
+elif [ "$mode" = gptqA ]; then
     # the _nearest runs share the work dir (and so the synthetic images) of their pair
     (pair det_dinov2_s0 det_dinov2 0 ptq_mimiq ptq_real) &
     (pair seg_dinov2_s0 seg_dinov2 0 ptq_mimiq ptq_real) &
