@@ -232,21 +232,22 @@ class Benchmark:
         checkpoint = self.checkpoints[task]
         timer = demo.StageTimer()
         stage_dir = self.work_dir / task / 'stages' / f'{row}_{bits.lower()}'
-        demo.cached_stage(stage_dir, {'fresh': time.time()}, force=True)  # clean folder
-        start = time.perf_counter()
-        if recipe is None:
-            result = demo.run_float(spec, opts, data_root, ann_file, checkpoint, stage_dir,
-                                    timer)
-        else:
-            base = demo.mimiq_config(spec, self.settings.get('cfg_options'))
-            settings = demo.synthesis_settings(spec, recipe, opts, dict(base.synthesis),
-                                               data_root)
-            synth_dir = demo.synthetic_dir(self.work_dir / task / 'synthetic', settings, sha)
-            cfg = demo.stage_config(spec, recipe, opts, data_root, ann_file, checkpoint,
-                                    stage_dir, synth_dir, settings,
-                                    self.settings.get('cfg_options'))
-            cfg.resume = False
-            result = demo.run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, row)
+        with demo.stage_lock(stage_dir):  # a second process on this work dir stops
+            demo.cached_stage(stage_dir, {'fresh': time.time()}, force=True)  # clean folder
+            start = time.perf_counter()
+            if recipe is None:
+                result = demo.run_float(spec, opts, data_root, ann_file, checkpoint, stage_dir,
+                                        timer)
+            else:
+                base = demo.mimiq_config(spec, self.settings.get('cfg_options'))
+                settings = demo.synthesis_settings(spec, recipe, opts, dict(base.synthesis),
+                                                   data_root)
+                synth_dir = demo.synthetic_dir(self.work_dir / task / 'synthetic', settings, sha)
+                cfg = demo.stage_config(spec, recipe, opts, data_root, ann_file, checkpoint,
+                                        stage_dir, synth_dir, settings,
+                                        self.settings.get('cfg_options'))
+                cfg.resume = False
+                result = demo.run_quant(spec, recipe, cfg, stage_dir, synth_dir, timer, row)
         quant = {} if recipe is None else dict(
             quant=demo.quant_fingerprint(cfg.quant_cfg))
         if result.get('keep_best'):  # which student a fine-tuned cell scored

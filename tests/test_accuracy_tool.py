@@ -282,3 +282,39 @@ def test_real_rows_with_more_images_than_train_images_fail_before_running(accura
                                 '--num-train', '256']).num_images == 512
     assert accuracy.parse_args(['--rows', 'ptq_real', '--num-images', '512',
                                 '--num-train', '512']).num_train == 512
+
+
+def test_a_second_process_on_the_same_stage_folder_stops_at_once(tmp_path):
+    """Two accuracy.py runs sharing a work dir (the same cell at two learning rates) used
+    to delete each other's stage folder mid-run; the second now stops with a clear error,
+    and a lock left by a process that died does not block the next run."""
+    import subprocess
+    import sys
+    import time
+    sys.path.insert(0, str(ROOT / 'tools'))
+    import demo
+    from mimiq_mm.synthesis.writer import FolderBusyError
+    stage = tmp_path / 'det' / 'stages' / 'mimiq_w4a4'
+    holder = subprocess.Popen(
+        [sys.executable, '-c',
+         'import sys, time; sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tools"]\n'
+         'import demo\nfrom pathlib import Path\n'
+         'with demo.stage_lock(Path(sys.argv[2])):\n'
+         '    print("held", flush=True); time.sleep(60)\n', str(ROOT), str(stage)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(FolderBusyError, match=rf'in use by another process \(pid '
+                                                   rf'{holder.pid}\).*own --work-dir'):
+            with demo.stage_lock(stage):
+                pass
+        # the lock file is beside the stage folder: clearing a stale stage keeps it
+        demo.cached_stage(stage, {'fresh': time.time()}, force=True)
+        with pytest.raises(FolderBusyError):
+            with demo.stage_lock(stage):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with demo.stage_lock(stage):  # the holder died: its lock went with it
+        assert stage.is_dir()

@@ -632,6 +632,18 @@ def canonical(obj):
     return json.loads(json.dumps(_jsonable(obj)))
 
 
+def stage_lock(stage_dir: Path):
+    """Context: this process owns ``stage_dir`` (a lock file beside it, since a stale stage
+    folder is deleted). A second run on the same work dir at the same time (e.g. the same
+    cell at two learning rates) would delete and overwrite this one's checkpoints and
+    results: it stops at once with :class:`FolderBusyError` instead."""
+    from mimiq_mm.synthesis.writer import exclusive_lock
+    return exclusive_lock(
+        stage_dir.parent / f'.{stage_dir.name}.lock',
+        f'stage folder {stage_dir} is in use by another process (pid {{pid}}); concurrent '
+        'runs need their own --work-dir')
+
+
 def cached_stage(stage_dir: Path, fingerprint: dict, force: bool) -> Optional[dict]:
     """The stored result of a finished stage with the same fingerprint; clears a stale
     stage folder (other settings, or --force)."""
@@ -692,6 +704,12 @@ def table_columns(spec: TaskSpec) -> List[Column]:
 
 
 def run_demo(args) -> dict:
+    work_dir = Path(_resolve(args.work_dir or TASKS[args.task].default_work_dir))
+    with stage_lock(work_dir / 'stages'):  # one demo per work dir at a time
+        return _run_demo(args)
+
+
+def _run_demo(args) -> dict:
     spec = TASKS[args.task]
     opts = Options(num_val=args.num_val, num_images=args.num_images,
                    synth_iters=args.synth_iters, synth_batch=args.synth_batch,

@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ['IMAGES_DIR', 'BATCHES_DIR', 'MANIFEST', 'FORMAT_VERSION', 'image_name',
            'batch_record_name', 'atomic_write_bytes', 'atomic_write_json', 'save_png',
            'check_image', 'read_batch_record', 'read_finished_batches', 'read_manifest',
-           'DatasetFolder', 'FolderBusyError', 'writer_lock']
+           'DatasetFolder', 'FolderBusyError', 'exclusive_lock', 'writer_lock']
 
 logger = logging.getLogger(__name__)
 
@@ -155,28 +155,24 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def writer_lock(out_dir, rank: int = 0):
-    """Hold ``out_dir/.lock-r<rank>`` (an exclusive ``flock``, released when the process
-    dies) while this process writes its shard, so that a second ``tools/generate.py`` /
-    training run on the same folder stops at once instead of redoing the same batches and
-    racing for the same temporary files. No-op where ``fcntl`` does not exist."""
+def exclusive_lock(path, busy: str):
+    """Hold the file ``path`` with an exclusive ``flock`` (released when the process dies),
+    writing this process's pid into it; when another process holds it, raise
+    :class:`FolderBusyError` with ``busy`` (``{pid}`` is replaced by the holder's pid).
+    No-op where ``fcntl`` does not exist."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    path = Path(out_dir) / f'.lock-r{rank}'
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'a+') as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            holder = f.read().strip() or '?'
-            raise FolderBusyError(
-                f'{out_dir} is being written by another process (pid {holder}, rank {rank}); '
-                'wait for it to finish (it resumes whatever is left) or use another '
-                'folder') from None
+            raise FolderBusyError(busy.replace('{pid}', f.read().strip() or '?')) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -185,6 +181,18 @@ def writer_lock(out_dir, rank: int = 0):
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir, rank: int = 0):
+    """Hold ``out_dir/.lock-r<rank>`` while this process writes its shard, so that a
+    second ``tools/generate.py`` / training run on the same folder stops at once instead of
+    redoing the same batches and racing for the same temporary files."""
+    with exclusive_lock(Path(out_dir) / f'.lock-r{rank}',
+                        f'{out_dir} is being written by another process (pid {{pid}}, rank '
+                        f'{rank}); wait for it to finish (it resumes whatever is left) or use '
+                        'another folder'):
+        yield
 
 
 class DatasetFolder:
