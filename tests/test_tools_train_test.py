@@ -294,6 +294,11 @@ def test_keep_best_hook_holds_images_out_and_keeps_the_better_student(demo_root,
     assert record['heldout_images'] == 2
     assert record['heldout_finetuned'] > record['heldout_ptq']
     assert record['kept'] == 'ptq'
+    # the terms (HSAD, feature and head KD) are recorded for both students and add up
+    for key in ('ptq', 'finetuned'):
+        terms = record[f'heldout_{key}_terms']
+        assert len(terms) >= 2 and all(name.startswith('loss') for name in terms)
+        assert sum(terms.values()) == pytest.approx(record[f'heldout_{key}'], rel=1e-6)
     ptq = torch.load(work / 'ptq_student.pth', weights_only=True)
     final = _student_state(work / 'iter_3.pth')
     assert all(torch.equal(final['student.' + k], v) for k, v in ptq.items())

@@ -23,7 +23,7 @@ import os
 import os.path as osp
 import random
 import time
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -310,7 +310,9 @@ class MimiQKeepBestHook(Hook):
     calibrated (PTQ) student is saved to ``<work_dir>/ptq_student.pth``; after the last step
     the loss is measured again, and when fine-tuning raised it the PTQ student is put back
     and the final checkpoint rewritten with it. ``<work_dir>/keep_best.json`` records both
-    losses and which student was kept (:func:`mimiq_mm.models.generic.heldout_loss`).
+    losses, their terms (``heldout_ptq_terms`` / ``heldout_finetuned_terms``: HSAD, feature
+    and head KD separately) and which student was kept
+    (:func:`mimiq_mm.models.generic.heldout_loss_terms`).
 
     Args:
         holdout_images: images held out of training (>= 1; at most a quarter of the set is
@@ -362,14 +364,16 @@ class MimiQKeepBestHook(Hook):
                 cfg_datasets[-1]['max_images'] = num - holdout
         self._num_images, self._heldout_cfg = num, held
 
-    def _score(self, runner) -> float:
+    def _score(self, runner) -> Tuple[float, Dict[str, float]]:
+        """(summed held-out loss, its terms)."""
         from mimiq_mm.models import unwrap_distiller
-        from mimiq_mm.models.generic import heldout_loss
+        from mimiq_mm.models.generic import heldout_loss_terms
         model = unwrap_distiller(runner.model)
         loader = runner.build_dataloader(copy.deepcopy(self._heldout_cfg), seed=runner.seed)
         with preserved_global_rng():
-            return heldout_loss(lambda batch: model.loss(**model.data_preprocessor(batch, True)),
-                                loader)
+            terms = heldout_loss_terms(
+                lambda batch: model.loss(**model.data_preprocessor(batch, True)), loader)
+        return float(sum(terms.values())), terms
 
     def _paths(self, runner):
         return (osp.join(runner.work_dir, 'ptq_student.pth'),
@@ -387,14 +391,14 @@ class MimiQKeepBestHook(Hook):
         ptq_path, json_path = self._paths(runner)
         if runner.iter > 0 and osp.isfile(ptq_path) and osp.isfile(json_path):
             return  # resumed: the PTQ student and its score were saved by the first run
-        self.ptq_loss = self._score(runner)
+        self.ptq_loss, terms = self._score(runner)
         if dist.get_rank() == 0:
             state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
             torch.save(state, ptq_path + '.tmp')
             os.replace(ptq_path + '.tmp', ptq_path)
             with open(json_path, 'w') as f:
-                json.dump(dict(heldout_images=self._holdout, heldout_ptq=self.ptq_loss),
-                          f, indent=1)
+                json.dump(dict(heldout_images=self._holdout, heldout_ptq=self.ptq_loss,
+                               heldout_ptq_terms=terms), f, indent=1)
         print_log(f'Held-out distillation loss of the calibrated student: {self.ptq_loss:.4f} '
                   f'({self._holdout} synthetic images not trained on).', logger='current')
 
@@ -406,10 +410,11 @@ class MimiQKeepBestHook(Hook):
         ptq_path, json_path = self._paths(runner)
         with open(json_path) as f:
             record = json.load(f)
-        finetuned = self._score(runner)
+        finetuned, terms = self._score(runner)
         keep_ptq = [finetuned > float(record['heldout_ptq'])]
         dist.broadcast_object_list(keep_ptq, src=0)
-        record.update(heldout_finetuned=finetuned, kept='ptq' if keep_ptq[0] else 'finetuned')
+        record.update(heldout_finetuned=finetuned, heldout_finetuned_terms=terms,
+                      kept='ptq' if keep_ptq[0] else 'finetuned')
         if keep_ptq[0]:
             state = torch.load(ptq_path, map_location='cpu', weights_only=True)
             model.student.load_state_dict(state)

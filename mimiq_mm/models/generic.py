@@ -162,17 +162,25 @@ def distill_losses(teacher: nn.Module, student: nn.Module, inputs: Tensor,
 
 
 @torch.no_grad()
-def heldout_loss(loss_fn: Callable[[Any], Dict[str, Tensor]], batches: Iterable) -> float:
-    """Mean over ``batches`` of the summed loss terms ``loss_fn(batch)`` (no gradients): the
-    data-free score that decides between the calibrated and the fine-tuned student."""
-    total, n = 0.0, 0
+def heldout_loss_terms(loss_fn: Callable[[Any], Dict[str, Tensor]],
+                       batches: Iterable) -> Dict[str, float]:
+    """Mean over ``batches`` of each loss term of ``loss_fn(batch)`` (no gradients), e.g.
+    ``{'loss_hsad': .., 'loss_kd_feat': ..}``: which part of the distillation moved."""
+    totals: Dict[str, float] = {}
+    n = 0
     for batch in batches:
-        losses = loss_fn(batch)
-        total += float(sum(v.float() for v in losses.values()))
+        for name, value in loss_fn(batch).items():
+            totals[name] = totals.get(name, 0.0) + float(value.float().sum())
         n += 1
     if n == 0:
         raise ValueError('no held-out batch to score the student on')
-    return total / n
+    return {name: total / n for name, total in totals.items()}
+
+
+def heldout_loss(loss_fn: Callable[[Any], Dict[str, Tensor]], batches: Iterable) -> float:
+    """Mean over ``batches`` of the summed loss terms ``loss_fn(batch)`` (no gradients): the
+    data-free score that decides between the calibrated and the fine-tuned student."""
+    return float(sum(heldout_loss_terms(loss_fn, batches).values()))
 
 
 def load_synthetic_images(root: str, mean: Sequence[float] = None, std: Sequence[float] = None,
