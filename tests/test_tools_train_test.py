@@ -294,6 +294,12 @@ def test_keep_best_hook_holds_images_out_and_keeps_the_better_student(demo_root,
     assert record['heldout_images'] == 2
     assert record['heldout_finetuned'] > record['heldout_ptq']
     assert record['kept'] == 'ptq'
+    # the students' agreement with the teacher is recorded (null when the 2-iteration
+    # teacher predicts nothing confident); the loss decided, as configured
+    assert record['criterion'] == 'loss' and record['decided_by'] == 'loss'
+    for key in ('heldout_ptq_agreement', 'heldout_finetuned_agreement'):
+        assert record[key] is None or 0.0 <= record[key] <= 1.0
+    assert isinstance(record['agreement'], str) and 'not computed' not in record['agreement']
     # the terms (HSAD, feature and head KD) are recorded for both students and add up
     for key in ('ptq', 'finetuned'):
         terms = record[f'heldout_{key}_terms']

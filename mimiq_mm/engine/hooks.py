@@ -300,6 +300,21 @@ def _mimiq_loop():
     return MimiQIterBasedTrainLoop
 
 
+def _predict_unscaled(model, inputs, data_samples):
+    """``model.predict`` at the network's input size: a synthetic image has no original
+    size to scale back to (mmdet's ``rescale`` needs a ``scale_factor``)."""
+    import inspect
+    for sample in data_samples or ():
+        meta = sample.metainfo
+        fill = {k: v for k, v in (('scale_factor', (1.0, 1.0)),
+                                  ('ori_shape', meta.get('img_shape'))) if k not in meta}
+        if fill:
+            sample.set_metainfo(fill)
+    if 'rescale' in inspect.signature(model.predict).parameters:
+        return model.predict(inputs, data_samples, rescale=False)
+    return model.predict(inputs, data_samples)
+
+
 @HOOKS.register_module()
 class MimiQKeepBestHook(Hook):
     """Never end a run with a student that fine-tuning made worse (data-free decision).
@@ -318,13 +333,24 @@ class MimiQKeepBestHook(Hook):
         holdout_images: images held out of training (>= 1; at most a quarter of the set is
             held out; a set of fewer than 4 images gets no decision, with a warning).
         batch_size: batch size of the held-out scoring (default: the train batch size).
+        criterion: what decides: ``'loss'`` (the summed held-out distillation loss) or
+            ``'agreement'`` (the students' agreement with the teacher's own predictions on
+            the held-out images, :class:`mimiq_mm.engine.metrics.TeacherAgreement`: closer
+            to the task metric; falls back to the loss when the teacher predicted nothing
+            there). Both are recorded either way (``heldout_*_agreement``).
     """
     priority = 'LOW'  # after MimiQCalibrationHook (VERY_HIGH) in before_train
+    CRITERIA = ('loss', 'agreement')
 
-    def __init__(self, holdout_images: int = 16, batch_size: Optional[int] = None):
+    def __init__(self, holdout_images: int = 16, batch_size: Optional[int] = None,
+                 criterion: str = 'loss'):
         if isinstance(holdout_images, bool) or not isinstance(holdout_images, int) \
                 or holdout_images < 1:
             raise ValueError(f'holdout_images must be an int >= 1, got {holdout_images!r}')
+        if criterion not in self.CRITERIA:
+            raise ValueError(f'criterion={criterion!r} is not valid; choose one of '
+                             f'{list(self.CRITERIA)}')
+        self.criterion = criterion
         self.holdout_images = holdout_images
         self.batch_size = batch_size
         self._num_images: Optional[int] = None
@@ -375,6 +401,36 @@ class MimiQKeepBestHook(Hook):
                 lambda batch: model.loss(**model.data_preprocessor(batch, True)), loader)
         return float(sum(terms.values())), terms
 
+    def _agreement(self, runner) -> Tuple[Optional[float], str]:
+        """(the student's agreement with the teacher on the held-out images, what it
+        measures); (None, reason) when it cannot be computed and the loss decides."""
+        from mimiq_mm.engine.metrics import TeacherAgreement
+        from mimiq_mm.models import unwrap_distiller
+        model = unwrap_distiller(runner.model)
+        loader = runner.build_dataloader(copy.deepcopy(self._heldout_cfg), seed=runner.seed)
+        agree = TeacherAgreement()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), preserved_global_rng():
+                for batch in loader:
+                    data = model.data_preprocessor(batch, False)
+                    teacher = _predict_unscaled(model.teacher, data['inputs'],
+                                                copy.deepcopy(data['data_samples']))
+                    student = _predict_unscaled(model.student, data['inputs'],
+                                                copy.deepcopy(data['data_samples']))
+                    agree.add(teacher, student)
+        except Exception as err:  # a model without these predictions: the loss decides
+            if self.criterion == 'agreement':
+                raise
+            print_log(f'MimiQKeepBestHook: no teacher agreement ({type(err).__name__}: '
+                      f'{err}); recorded as null.', logger='current', level=logging.WARNING)
+            return None, f'not computed ({type(err).__name__})'
+        finally:
+            model.train(was_training)
+        value = agree.compute()
+        return value, agree.describe() if value is not None else 'teacher predicted nothing'
+
     def _paths(self, runner):
         return (osp.join(runner.work_dir, 'ptq_student.pth'),
                 osp.join(runner.work_dir, 'keep_best.json'))
@@ -392,13 +448,15 @@ class MimiQKeepBestHook(Hook):
         if runner.iter > 0 and osp.isfile(ptq_path) and osp.isfile(json_path):
             return  # resumed: the PTQ student and its score were saved by the first run
         self.ptq_loss, terms = self._score(runner)
+        agreement, what = self._agreement(runner)
         if dist.get_rank() == 0:
             state = {k: v.detach().cpu() for k, v in model.student.state_dict().items()}
             torch.save(state, ptq_path + '.tmp')
             os.replace(ptq_path + '.tmp', ptq_path)
             with open(json_path, 'w') as f:
                 json.dump(dict(heldout_images=self._holdout, heldout_ptq=self.ptq_loss,
-                               heldout_ptq_terms=terms), f, indent=1)
+                               heldout_ptq_terms=terms, heldout_ptq_agreement=agreement,
+                               agreement=what, criterion=self.criterion), f, indent=1)
         print_log(f'Held-out distillation loss of the calibrated student: {self.ptq_loss:.4f} '
                   f'({self._holdout} synthetic images not trained on).', logger='current')
 
@@ -411,9 +469,17 @@ class MimiQKeepBestHook(Hook):
         with open(json_path) as f:
             record = json.load(f)
         finetuned, terms = self._score(runner)
+        agreement, _ = self._agreement(runner)
+        ptq_agreement = record.get('heldout_ptq_agreement')
+        decided_by = 'loss'
         keep_ptq = [finetuned > float(record['heldout_ptq'])]
+        if self.criterion == 'agreement' and agreement is not None \
+                and ptq_agreement is not None:
+            decided_by = 'agreement'
+            keep_ptq = [agreement < float(ptq_agreement)]
         dist.broadcast_object_list(keep_ptq, src=0)
         record.update(heldout_finetuned=finetuned, heldout_finetuned_terms=terms,
+                      heldout_finetuned_agreement=agreement, decided_by=decided_by,
                       kept='ptq' if keep_ptq[0] else 'finetuned')
         if keep_ptq[0]:
             state = torch.load(ptq_path, map_location='cpu', weights_only=True)
@@ -424,6 +490,9 @@ class MimiQKeepBestHook(Hook):
         if dist.get_rank() == 0:
             with open(json_path, 'w') as f:
                 json.dump(record, f, indent=1)
+        agree_text = ('' if agreement is None or ptq_agreement is None else
+                      f'; agreement with the teacher {float(ptq_agreement):.3f} -> '
+                      f'{agreement:.3f}')
         print_log(f'Held-out distillation loss: calibrated {record["heldout_ptq"]:.4f}, '
-                  f'fine-tuned {finetuned:.4f}: keeping the {record["kept"]} student.',
-                  logger='current')
+                  f'fine-tuned {finetuned:.4f}{agree_text}: keeping the {record["kept"]} '
+                  f'student (decided by the {decided_by}).', logger='current')
