@@ -106,6 +106,7 @@ VARIANT_FLAGS = {'compile-loss': ('compile', 'loss'), 'compile-full': ('compile'
                  'autotune': ('compile_mode', 'max-autotune-no-cudagraphs'),
                  'cudagraphs': ('compile_mode', 'reduce-overhead'),
                  'nochunk': ('max_chunk_elements', 1 << 62),
+                 'triton': ('lsim_kernel', 'triton'),
                  'backbone-only': ('backbone_only', True)}
 DEFAULT_VARIANTS = ('fp32',)
 
@@ -117,7 +118,8 @@ def parse_variant(name: str) -> dict:
     compile-loss (synthesis.compile='loss'), compile-full ('full'), autotune
     (compile_mode='max-autotune-no-cudagraphs'), cudagraphs (compile_mode='reduce-overhead':
     the compiled graphs replayed as CUDA graphs), nochunk (no L_sim query chunks, hence no
-    activation checkpointing of them), backbone-only (a reference, not a synthesis step: the
+    activation checkpointing of them), triton (L_sim through the fused Triton kernels of
+    mimiq_mm.losses.lsim_triton), backbone-only (a reference, not a synthesis step: the
     plain backbone forward with nothing recorded, a sum of squares of its outputs as the loss,
     backward to the pixels and AdamW; with compile-full it is compiled as one graph. Its FLOPs
     are counted on that step, so its TFLOP/s is the rate the backbone alone reaches).

@@ -239,3 +239,8 @@ def test_full_compile_of_the_vit_backbones_has_no_graph_break(bench, teachers, n
     saved = json.loads((tmp_path / 'graph_breaks_cpu.json').read_text())
     assert saved['rows'][0]['backbone'] == name
     assert f'| {name} | {TINY_SIZE[name]} | 0 | 1 |' in (tmp_path / 'graph_breaks_cpu.md').read_text()
+
+
+def test_triton_variant_selects_the_fused_lsim(bench):
+    assert bench.parse_variant('bf16+compile-full+triton') == dict(
+        bf16=True, tf32=False, compile='full', lsim_kernel='triton')

@@ -120,6 +120,10 @@ def test_kept_column_says_which_student_a_row_scored(tmp_path):
                   kept='finetuned')
     assert demo.kept_text(record) == 'fine-tuned (held-out loss 0.710 -> 0.680)'
     assert demo.kept_text(dict(record, kept='ptq')).startswith('calibrated (PTQ)')
+    assert demo.kept_text(dict(record, heldout_ptq_agreement=0.52,
+                               heldout_finetuned_agreement=0.4)) == (
+        'fine-tuned (held-out loss 0.710 -> 0.680; agreement with the teacher 0.520 -> '
+        '0.400)')
     (tmp_path / 'keep_best.json').write_text(json.dumps(record))
     assert demo.attach_keep_best({'metrics': {}}, tmp_path)['keep_best'] == record
     assert 'keep_best' not in demo.attach_keep_best({}, tmp_path / 'missing')

@@ -139,10 +139,13 @@ def attention_ssim_matrix(logits: Tensor, num_prefix_tokens: int = 0, c1: float 
 
 
 def _layer_loss(logits: Tensor, num_prefix_tokens: int, c1: float, c2: float,
-                max_elements: int, compiled: bool = False) -> Tensor:
+                max_elements: int, compiled: bool = False, fused: bool = False) -> Tensor:
     logits = _strip_prefix(logits, num_prefix_tokens)
     batch, heads, queries, _ = logits.shape
     count = batch * queries * heads * (heads - 1) // 2
+    if fused:  # one Triton program per query row: no float32 copy, no chunks needed
+        from .lsim_triton import fused_pair_loss_sum
+        return fused_pair_loss_sum(logits, c1, c2) / count
     pair_loss_sum = _pair_loss_fn(compiled)
     if logits.numel() <= max_elements:
         return pair_loss_sum(logits, c1, c2) / count
@@ -170,7 +173,7 @@ def _as_pairs(records: Iterable) -> list[tuple[Tensor, int]]:
 
 def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float = SSIM_C2,
                                max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-                               compiled: bool = False) -> Tensor:
+                               compiled: bool = False, fused: bool = False) -> Tensor:
     """MimiQ's ``L_sim`` over attention layers.
 
     Args:
@@ -180,6 +183,9 @@ def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float
         max_chunk_elements: layers whose logits have more elements are processed in query
             chunks (with activation checkpointing when gradients flow).
         compiled: run the per-layer computation through ``torch.compile`` (same values).
+        fused: the fused Triton kernels of :mod:`mimiq_mm.losses.lsim_triton` (CUDA; same
+            values and gradients to float rounding; ``compiled`` and the chunking are then
+            not used).
 
     Returns:
         Scalar float32 loss in [0, 1]: the mean over layers of the mean over (B', queries,
@@ -189,7 +195,7 @@ def inter_head_similarity_loss(records: Sequence, c1: float = SSIM_C1, c2: float
     if not pairs:
         raise ValueError('inter_head_similarity_loss got no attention records: run the model '
                          'inside `with AttentionRecorder(model) as rec:` and pass rec.records')
-    losses = [_layer_loss(logits, prefix, c1, c2, max_chunk_elements, compiled)
+    losses = [_layer_loss(logits, prefix, c1, c2, max_chunk_elements, compiled, fused)
               for logits, prefix in pairs if logits.shape[1] > 1]
     if not losses:
         raise ValueError('inter_head_similarity_loss needs attention layers with at least 2 '

@@ -23,9 +23,12 @@ COMPILE_SCOPES = ('none', 'loss', 'full')
 #: ``synthesis.compile_mode``: the ``mode`` given to ``torch.compile`` (None: its default).
 COMPILE_MODES = (None, 'default', 'reduce-overhead', 'max-autotune',
                  'max-autotune-no-cudagraphs')
+#: ``synthesis.lsim_kernel``: the PyTorch L_sim or the fused Triton kernels (same values).
+LSIM_KERNELS = ('torch', 'triton')
 #: Settings that do not change the generated images (beyond float rounding): they may
 #: differ when a run resumes.
-RESUME_IGNORED_KEYS = frozenset({'device', 'compile', 'compile_mode', 'tf32', 'log_interval',
+RESUME_IGNORED_KEYS = frozenset({'device', 'compile', 'compile_mode', 'tf32', 'lsim_kernel',
+                                 'log_interval',
                                  'figures',
                                  'contact_sheet_max', 'figure_layer', 'progress',
                                  'check_images_on_resume', 'max_chunk_elements'})
@@ -73,11 +76,14 @@ class SynthesisConfig:
     # forward under the attention recorder + L_sim + TV, and their backward, as one compiled
     # function; the task term, if any, is traced too); compile_mode: torch.compile's mode
     # (e.g. 'max-autotune-no-cudagraphs'); tf32: float32 matmuls in TF32 on CUDA
-    # (torch.set_float32_matmul_precision('high') while optimising)
+    # (torch.set_float32_matmul_precision('high') while optimising); lsim_kernel: 'torch'
+    # (the PyTorch L_sim, compiled or not) or 'triton' (mimiq_mm.losses.lsim_triton: one
+    # fused kernel per direction; CUDA)
     bf16: bool = False
     compile: Union[bool, str] = False
     compile_mode: Optional[str] = None
     tf32: bool = False
+    lsim_kernel: str = 'torch'
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
     device: Optional[str] = None
     # reporting
@@ -108,6 +114,9 @@ class SynthesisConfig:
         if self.compile not in (False, True) + COMPILE_SCOPES:
             raise ValueError(f'synthesis.compile must be False, True (= {"loss"!r}) or one of '
                              f'{COMPILE_SCOPES}, got {self.compile!r}')
+        if self.lsim_kernel not in LSIM_KERNELS:
+            raise ValueError(f'synthesis.lsim_kernel must be one of {LSIM_KERNELS}, got '
+                             f'{self.lsim_kernel!r}')
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f'synthesis.compile_mode must be one of {COMPILE_MODES}, '
                              f'got {self.compile_mode!r}')

@@ -232,7 +232,8 @@ class MimiQSynthesis(PixelOptimisation):
                 "method 'mimiq' needs attention layers that mimiq_mm.attention supports")
         sim = inter_head_similarity_loss(records,
                                          max_chunk_elements=self.cfg.max_chunk_elements,
-                                         compiled=self.cfg.compile_scope == 'loss')
+                                         compiled=self.cfg.compile_scope == 'loss',
+                                         fused=self.cfg.lsim_kernel == 'triton')
         terms = {'sim': sim, 'loss': self.cfg.w_sim * sim}
         if task is not None:
             terms['task'] = task

@@ -1,0 +1,233 @@
+"""A fused Triton kernel for L_sim's per-query statistics (forward and backward).
+
+:func:`mimiq_mm.losses.attention_similarity._pair_loss_sum` computes, for every query row
+``(b, q)`` of the logits ``(B', H, Nq, K)``:
+- the min-max normalised head rows (masked keys map to 0);
+- their means and the ``H x H`` covariance over the keys;
+- the SSIM of every head pair, summed as ``1 - SSIM_ij^2`` over ``i < j``.
+
+In PyTorch this is several passes over a float32 copy of the logits, plus the autograd
+tensors for the backward pass. Here one program handles one query row:
+- it streams the ``H x K`` block through registers in chunks of keys;
+- the forward pass writes only one partial loss per row;
+- the backward pass recomputes the row's statistics and writes the gradient of the
+  logits directly.
+
+The extra memory is O(B' Nq). The gradient matches autograd of the PyTorch code, including
+where the min and max pass theirs (split evenly between ties, as ``amax`` / ``amin`` do).
+
+Use :func:`fused_pair_loss_sum` (a ``torch.autograd.Function``) on CUDA tensors. The
+kernels also run under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+#: keys per chunk streamed through registers
+BLOCK_K = 32
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_stats(x_ptr, sh, sk, H, K, margin, eps,
+                   H_PAD: tl.constexpr, BK: tl.constexpr):
+        """Per head of one query row: max, min over the unmasked keys, range, mean and the
+        H x H covariance of the normalised row."""
+        offs_h = tl.arange(0, H_PAD)
+        hmask = offs_h < H
+        high = tl.full((H_PAD,), float('-inf'), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
+                        other=float('-inf')).to(tl.float32)
+            high = tl.maximum(high, tl.max(x, 1))
+        high = tl.where(hmask, high, 0.0)
+        low = tl.full((H_PAD,), float('inf'), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
+                        other=float('inf')).to(tl.float32)
+            x = tl.where(x < high[:, None] - margin, float('inf'), x)
+            low = tl.minimum(low, tl.min(x, 1))
+        low = tl.where(hmask, low, 0.0)
+        span = high - low
+        r = tl.maximum(span, eps)
+        total = tl.zeros((H_PAD,), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
+                        other=0.0).to(tl.float32)
+            masked = x < high[:, None] - margin
+            m = tl.where(masked | ~m2, 0.0, (x - low[:, None]) / r[:, None])
+            total += tl.sum(m, 1)
+        mean = total / K
+        cov = tl.zeros((H_PAD, H_PAD), tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
+                        other=0.0).to(tl.float32)
+            masked = x < high[:, None] - margin
+            m = tl.where(masked, 0.0, (x - low[:, None]) / r[:, None])
+            c = tl.where(m2, m - mean[:, None], 0.0)
+            cov += tl.sum(c[:, None, :] * c[None, :, :], 2)
+        cov = cov / K
+        return high, low, span, r, mean, cov
+
+    @triton.jit
+    def _pair_terms(mean, cov, H, c1, c2, H_PAD: tl.constexpr):
+        offs_i = tl.arange(0, H_PAD)
+        eye = offs_i[:, None] == offs_i[None, :]
+        var = tl.sum(tl.where(eye, cov, 0.0), 1)
+        mi, mj = mean[:, None], mean[None, :]
+        num_a = 2.0 * mi * mj + c1
+        den_a = mi * mi + mj * mj + c1
+        a = num_a / den_a
+        den_s = var[:, None] + var[None, :] + c2
+        s = (2.0 * cov + c2) / den_s
+        valid = (offs_i[:, None] < H) & (offs_i[None, :] < H)
+        upper = valid & (offs_i[:, None] < offs_i[None, :])
+        return a, s, num_a, den_a, den_s, upper, valid, eye
+
+    @triton.jit
+    def _lsim_fwd_kernel(x_ptr, out_ptr, NQ, sb, sh, sq, sk, H, K, margin, eps, c1, c2,
+                         H_PAD: tl.constexpr, BK: tl.constexpr):
+        row = tl.program_id(0)
+        b = row // NQ
+        q = row % NQ
+        base = x_ptr + b * sb + q * sq
+        high, low, span, r, mean, cov = _row_stats(base, sh, sk, H, K, margin, eps, H_PAD, BK)
+        a, s, num_a, den_a, den_s, upper, valid, eye = _pair_terms(mean, cov, H, c1, c2,
+                                                                   H_PAD)
+        ssim = a * s
+        loss = tl.sum(tl.sum(tl.where(upper, 1.0 - ssim * ssim, 0.0), 1), 0)
+        tl.store(out_ptr + row, loss)
+
+    @triton.jit
+    def _lsim_bwd_kernel(x_ptr, gx_ptr, g_ptr, NQ, sb, sh, sq, sk, gsb, gsh, gsq, gsk,
+                         H, K, margin, eps, c1, c2, H_PAD: tl.constexpr, BK: tl.constexpr):
+        row = tl.program_id(0)
+        b = row // NQ
+        q = row % NQ
+        base = x_ptr + b * sb + q * sq
+        gbase = gx_ptr + b * gsb + q * gsq
+        grad = tl.load(g_ptr).to(tl.float32)
+        high, low, span, r, mean, cov = _row_stats(base, sh, sk, H, K, margin, eps, H_PAD, BK)
+        a, s, num_a, den_a, den_s, upper, valid, eye = _pair_terms(mean, cov, H, c1, c2,
+                                                                   H_PAD)
+        ssim = a * s
+        g = tl.where(upper, -2.0 * ssim * grad, 0.0)
+        gs = g + tl.trans(g)                                   # both orders of each pair
+        mi, mj = mean[:, None], mean[None, :]
+        da_dmi = (2.0 * mj * den_a - num_a * 2.0 * mi) / (den_a * den_a)
+        g_mean = tl.sum(tl.where(valid & ~eye, gs * s * da_dmi, 0.0), 1)
+        w = tl.where(valid & ~eye, gs * a * 2.0 / den_s, 0.0)  # d/dcov_ij, i != j
+        g_var = tl.sum(tl.where(valid & ~eye, gs * a * (-(2.0 * cov + c2)) /
+                                (den_s * den_s), 0.0), 1)
+        w = w + tl.where(eye, 2.0 * g_var[:, None], 0.0)      # d/dcov_ii (times 2 c_i)
+        offs_h = tl.arange(0, H_PAD)
+        hmask = offs_h < H
+        active = span > eps                                    # else r = eps: no gradient
+        g_low = tl.zeros((H_PAD,), tl.float32)
+        g_high = tl.zeros((H_PAD,), tl.float32)
+        n_low = tl.zeros((H_PAD,), tl.float32)
+        n_high = tl.zeros((H_PAD,), tl.float32)
+        # pass 1: gradient of every visible key, and what the min / max receive
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            ptrs = offs_h[:, None] * sh + offs_k[None, :] * sk
+            x = tl.load(base + ptrs, mask=m2, other=0.0).to(tl.float32)
+            masked = x < high[:, None] - margin
+            m = tl.where(masked, 0.0, (x - low[:, None]) / r[:, None])
+            c = tl.where(m2, m - mean[:, None], 0.0)
+            dm = tl.sum(w[:, :, None] * c[None, :, :], 1) / K + g_mean[:, None] / K
+            free = m2 & ~masked
+            act = active.to(tl.float32)[:, None]
+            # m = (x - low) / r: dm/dlow = (m - 1) / r, dm/dhigh = -m / r (the parts
+            # through r vanish where r is clamped at eps)
+            g_low += tl.sum(tl.where(free, dm * (m * act - 1.0), 0.0), 1) / r
+            g_high += tl.sum(tl.where(free, -dm * m, 0.0), 1) * active.to(tl.float32) / r
+            n_high += tl.sum(tl.where(m2 & (x == high[:, None]), 1.0, 0.0), 1)
+            n_low += tl.sum(tl.where(free & (x == low[:, None]), 1.0, 0.0), 1)
+            gptrs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
+            tl.store(gbase + gptrs, tl.where(free, dm / r[:, None], 0.0), mask=m2)
+        # pass 2: the min and max elements (ties share) get theirs
+        add_high = g_high / tl.maximum(n_high, 1.0)
+        add_low = g_low / tl.maximum(n_low, 1.0)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            m2 = hmask[:, None] & (offs_k < K)[None, :]
+            ptrs = offs_h[:, None] * sh + offs_k[None, :] * sk
+            gptrs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
+            x = tl.load(base + ptrs, mask=m2, other=0.0).to(tl.float32)
+            masked = x < high[:, None] - margin
+            extra = (tl.where(x == high[:, None], add_high[:, None], 0.0)
+                     + tl.where(~masked & (x == low[:, None]), add_low[:, None], 0.0))
+            extra = tl.where(m2, extra, 0.0)
+            old = tl.load(gbase + gptrs, mask=m2, other=0.0)
+            tl.store(gbase + gptrs, old + extra, mask=m2)
+
+
+def _launch_args(logits: Tensor):
+    from .attention_similarity import MASK_MARGIN, MINMAX_EPS
+    b, h, nq, k = logits.shape
+    h_pad = max(2, triton.next_power_of_2(h))
+    return b, h, nq, k, h_pad, float(MASK_MARGIN), float(MINMAX_EPS)
+
+
+class _FusedPairLoss(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, c1: float, c2: float) -> Tensor:
+        b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
+        out = torch.empty(b * nq, device=logits.device, dtype=torch.float32)
+        if out.numel():
+            _lsim_fwd_kernel[(b * nq,)](logits, out, nq, *logits.stride(), h, k, margin, eps,
+                                        float(c1), float(c2), H_PAD=h_pad, BK=BLOCK_K)
+        ctx.save_for_backward(logits)
+        ctx.c = (float(c1), float(c2))
+        return out.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (logits,) = ctx.saved_tensors
+        b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
+        grad = torch.empty_like(logits, dtype=torch.float32)
+        g = grad_out.detach().reshape(1).to(torch.float32).contiguous()
+        if grad.numel():
+            _lsim_bwd_kernel[(b * nq,)](logits, grad, g, nq, *logits.stride(), *grad.stride(),
+                                        h, k, margin, eps, *ctx.c, H_PAD=h_pad, BK=BLOCK_K)
+        return grad.to(logits.dtype), None, None
+
+
+def fused_pair_loss_sum(logits: Tensor, c1: float, c2: float) -> Tensor:
+    """``sum over (b, q, i<j) of 1 - SSIM_ij^2`` of ``logits`` (B', H, Nq, K), the same
+    value and gradient as ``attention_similarity._pair_loss_sum``, in two Triton kernels."""
+    if triton is None:
+        raise RuntimeError('the fused L_sim kernel needs triton (it ships with CUDA builds '
+                           'of torch); use the PyTorch path (fused=False)')
+    if logits.dim() != 4:
+        raise ValueError(f'logits must be (B, H, Nq, K), got {tuple(logits.shape)}')
+    if not logits.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        raise RuntimeError(f"the fused L_sim kernel (synthesis.lsim_kernel='triton') runs on "
+                           f"CUDA tensors, got a {logits.device.type} tensor; use "
+                           f"lsim_kernel='torch' there")
+    return _FusedPairLoss.apply(logits, c1, c2)

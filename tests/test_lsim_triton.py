@@ -1,0 +1,70 @@
+"""The fused Triton L_sim kernels against the PyTorch L_sim: same loss and gradient.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on the CPU; it is read when
+triton is imported, so the comparison runs in a subprocess with it set."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from mimiq_mm.losses.attention_similarity import (SSIM_C1, SSIM_C2, _pair_loss_sum,
+                                                  inter_head_similarity_loss)
+from mimiq_mm.losses.lsim_triton import fused_pair_loss_sum
+
+def compare(x, scale=1.7):
+    a = x.detach().clone().requires_grad_(True)
+    b = x.detach().clone().requires_grad_(True)
+    la, lb = _pair_loss_sum(a, SSIM_C1, SSIM_C2), fused_pair_loss_sum(b, SSIM_C1, SSIM_C2)
+    (la * scale).backward()
+    (lb * scale).backward()
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=1e-4, atol=1e-6)
+    assert b.grad.dtype == x.dtype
+
+g = torch.Generator().manual_seed(0)
+compare(torch.randn(2, 3, 5, 7, generator=g) * 3)             # one chunk of keys
+compare(torch.randn(2, 4, 3, 70, generator=g) * 3)            # three chunks, padded
+swin = torch.randn(1, 6, 4, 49, generator=g) * 3              # a Swin window, 6 heads
+swin[..., -9:] -= 100.0                                        # shifted-window mask
+compare(swin)
+ties = torch.randn(1, 3, 2, 12, generator=g)
+ties[0, 0, 0] = 0.5                                            # a constant row
+ties[0, 1, 1, :3] = ties[0, 1, 1].max() + 1.0                  # a max shared by 3 keys
+compare(ties)
+# a view without the class token (strides, not a copy), and bf16 logits
+full = torch.randn(2, 5, 9, 9, generator=g) * 2
+compare(full[:, :, 1:, 1:])
+compare((torch.randn(1, 4, 6, 40, generator=g) * 3).bfloat16())
+# the layer loss the synthesis calls, fused or not
+recs = [torch.randn(2, 4, 16, 16, generator=g) * 2, torch.randn(2, 3, 8, 8, generator=g)]
+torch.testing.assert_close(inter_head_similarity_loss(recs, fused=True),
+                           inter_head_similarity_loss(recs), rtol=1e-5, atol=1e-6)
+print('ok')
+'''
+
+
+def test_fused_lsim_matches_the_pytorch_loss_and_gradient():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    out = subprocess.run([sys.executable, '-c', CHECK, str(ROOT)], env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith('ok')
+
+
+def test_fused_lsim_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    from mimiq_mm.losses.lsim_triton import fused_pair_loss_sum
+    with pytest.raises(RuntimeError, match="lsim_kernel='torch'"):
+        fused_pair_loss_sum(torch.randn(1, 2, 3, 4), 1e-4, 9e-4)
+    from mimiq_mm.synthesis import SynthesisConfig
+    assert SynthesisConfig(lsim_kernel='triton').lsim_kernel == 'triton'
+    with pytest.raises(ValueError, match='lsim_kernel must be one of'):
+        SynthesisConfig(lsim_kernel='cuda')
