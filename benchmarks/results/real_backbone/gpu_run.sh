@@ -9,6 +9,8 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh gptqB OUT    #   paired on the same images
 #   bash benchmarks/results/real_backbone/gpu_run.sh centerA OUT  # centred activations (PTQ)
 #   bash benchmarks/results/real_backbone/gpu_run.sh centerB OUT  #   and fine-tuning at lr $LR
+#   bash benchmarks/results/real_backbone/gpu_run.sh agreeA OUT   # lr $LR with the keep-best
+#   bash benchmarks/results/real_backbone/gpu_run.sh agreeB OUT   #   records (loss terms, agreement)
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -51,7 +53,22 @@ centre() {  # name, task, seed: PTQ (default, then centred activations) on the s
     [ -n "${PTQ_ONLY:-}" ] || one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq \
         $W4 --lr "$LR"
 }
-if [ "$mode" = centerA ]; then  # real-backbone teachers (the DINOv2 file in the cache)
+agree() {  # name, task, seed: PTQ, then the full pipeline at lr $LR; keep_best.json records
+    # the held-out loss terms and the teacher agreement of both students, so one run shows
+    # which data-free check follows the metric (the PTQ row is the other student's score)
+    local name=$1 task=$2 seed=$3
+    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
+    one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR"
+}
+if [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree)
+    (agree det_swin_s0 det 0; agree seg_swin_s0 seg 0) &
+    (agree det_swin_s1 det 1; agree seg_swin_s1 seg 1) &
+    (agree det_swin_s2 det 2) &
+elif [ "$mode" = agreeB ]; then  # real-backbone teachers (the DINOv2 file in the cache)
+    (agree det_dinov2_s0 det_dinov2 0) &
+    (agree seg_dinov2_s0 seg_dinov2 0) &
+    (agree det_dinov2_s1 det_dinov2 1) &
+elif [ "$mode" = centerA ]; then  # real-backbone teachers (the DINOv2 file in the cache)
     (centre det_dinov2_s0 det_dinov2 0) &
     (centre seg_dinov2_s0 seg_dinov2 0) &
     (centre det_dinov2_s1 det_dinov2 1) &
