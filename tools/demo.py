@@ -622,8 +622,11 @@ def kept_text(keep_best: Optional[dict]) -> str:
         return '-'
     name = {'finetuned': 'fine-tuned', 'ptq': 'calibrated (PTQ)'}.get(keep_best['kept'],
                                                                     str(keep_best['kept']))
+    agree = [keep_best.get(f'heldout_{k}_agreement') for k in ('ptq', 'finetuned')]
+    agree_text = ('' if None in agree else
+                  f'; agreement with the teacher {agree[0]:.3f} -> {agree[1]:.3f}')
     return (f"{name} (held-out loss {keep_best['heldout_ptq']:.3f} -> "
-            f"{keep_best['heldout_finetuned']:.3f})")
+            f"{keep_best['heldout_finetuned']:.3f}{agree_text})")
 
 
 def canonical(obj):
