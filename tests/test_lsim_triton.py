@@ -1,4 +1,5 @@
-"""The fused Triton L_sim kernels against the PyTorch L_sim: same loss and gradient.
+"""The fused Triton L_sim kernels against the PyTorch L_sim: same loss and gradient, also
+through torch.compile (custom ops: no graph break).
 
 Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on the CPU; it is read when
 triton is imported, so the comparison runs in a subprocess with it set."""
@@ -47,6 +48,15 @@ compare((torch.randn(1, 4, 6, 40, generator=g) * 3).bfloat16())
 recs = [torch.randn(2, 4, 16, 16, generator=g) * 2, torch.randn(2, 3, 8, 8, generator=g)]
 torch.testing.assert_close(inter_head_similarity_loss(recs, fused=True),
                            inter_head_similarity_loss(recs), rtol=1e-5, atol=1e-6)
+# under torch.compile the kernels are custom ops: one graph, no break, same gradient
+def f(x):
+    return inter_head_similarity_loss([x * 2.0], fused=True)
+x = torch.randn(2, 4, 16, 16, generator=g)
+assert torch._dynamo.explain(f)(x).graph_break_count == 0
+a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+torch.compile(f, backend='aot_eager')(a).backward()
+inter_head_similarity_loss([b * 2.0]).backward()
+torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 print('ok')
 '''
 

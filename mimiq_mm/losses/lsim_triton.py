@@ -16,7 +16,9 @@ tensors for the backward pass. Here one program handles one query row:
 The extra memory is O(B' Nq). The gradient matches autograd of the PyTorch code, including
 where the min and max pass theirs (split evenly between ties, as ``amax`` / ``amin`` do).
 
-Use :func:`fused_pair_loss_sum` (a ``torch.autograd.Function``) on CUDA tensors. The
+Use :func:`fused_pair_loss_sum` on CUDA tensors. The two kernels are wrapped as custom ops
+(``torch.library``) with a registered autograd formula, so ``torch.compile`` (e.g.
+``synthesis.compile='full'``) keeps each as one opaque call, without a graph break. The
 kernels also run under ``TRITON_INTERPRET=1`` on the CPU, which is how the tests check them.
 """
 from __future__ import annotations
@@ -128,7 +130,7 @@ if triton is not None:
         q = row % NQ
         base = x_ptr + b * sb + q * sq
         gbase = gx_ptr + b * gsb + q * gsq
-        grad = tl.load(g_ptr).to(tl.float32)
+        grad = tl.load(g_ptr + row).to(tl.float32)
         high, low, span, r, mean, cov = _row_stats(base, sh, sk, H, K, margin, eps, H_PAD, BK)
         a, s, num_a, den_a, den_s, upper, valid, eye = _pair_terms(mean, cov, H, c1, c2,
                                                                    H_PAD)
@@ -193,29 +195,53 @@ def _launch_args(logits: Tensor):
     return b, h, nq, k, h_pad, float(MASK_MARGIN), float(MINMAX_EPS)
 
 
-class _FusedPairLoss(torch.autograd.Function):
+@torch.library.custom_op('mimiq_mm::lsim_rows', mutates_args=())
+def _lsim_rows(logits: Tensor, c1: float, c2: float) -> Tensor:
+    """Per query row ``(b, q)``: the sum over head pairs of ``1 - SSIM^2`` (float32,
+    shape ``(B' * Nq,)``). A custom op, so ``torch.compile`` keeps it as one opaque call
+    (no graph break) and its backward is :func:`_lsim_rows_backward`."""
+    b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
+    out = torch.empty(b * nq, device=logits.device, dtype=torch.float32)
+    if out.numel():
+        _lsim_fwd_kernel[(b * nq,)](logits, out, nq, *logits.stride(), h, k, margin, eps,
+                                    float(c1), float(c2), H_PAD=h_pad, BK=BLOCK_K)
+    return out
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, c1: float, c2: float) -> Tensor:
-        b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
-        out = torch.empty(b * nq, device=logits.device, dtype=torch.float32)
-        if out.numel():
-            _lsim_fwd_kernel[(b * nq,)](logits, out, nq, *logits.stride(), h, k, margin, eps,
-                                        float(c1), float(c2), H_PAD=h_pad, BK=BLOCK_K)
-        ctx.save_for_backward(logits)
-        ctx.c = (float(c1), float(c2))
-        return out.sum()
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (logits,) = ctx.saved_tensors
-        b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
-        grad = torch.empty_like(logits, dtype=torch.float32)
-        g = grad_out.detach().reshape(1).to(torch.float32).contiguous()
-        if grad.numel():
-            _lsim_bwd_kernel[(b * nq,)](logits, grad, g, nq, *logits.stride(), *grad.stride(),
-                                        h, k, margin, eps, *ctx.c, H_PAD=h_pad, BK=BLOCK_K)
-        return grad.to(logits.dtype), None, None
+@_lsim_rows.register_fake
+def _(logits, c1, c2):
+    return logits.new_empty(logits.shape[0] * logits.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op('mimiq_mm::lsim_rows_backward', mutates_args=())
+def _lsim_rows_backward(logits: Tensor, grad_rows: Tensor, c1: float, c2: float) -> Tensor:
+    b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
+    grad = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+    g = grad_rows.to(torch.float32).contiguous()
+    if grad.numel():
+        _lsim_bwd_kernel[(b * nq,)](logits, grad, g, nq, *logits.stride(), *grad.stride(),
+                                    h, k, margin, eps, float(c1), float(c2), H_PAD=h_pad,
+                                    BK=BLOCK_K)
+    return grad.to(logits.dtype)
+
+
+@_lsim_rows_backward.register_fake
+def _(logits, grad_rows, c1, c2):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, c1, c2 = inputs
+    ctx.save_for_backward(logits)
+    ctx.c = (c1, c2)
+
+
+def _backward(ctx, grad_rows):
+    (logits,) = ctx.saved_tensors
+    return _lsim_rows_backward(logits, grad_rows, *ctx.c), None, None
+
+
+_lsim_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_pair_loss_sum(logits: Tensor, c1: float, c2: float) -> Tensor:
@@ -230,4 +256,4 @@ def fused_pair_loss_sum(logits: Tensor, c1: float, c2: float) -> Tensor:
         raise RuntimeError(f"the fused L_sim kernel (synthesis.lsim_kernel='triton') runs on "
                            f"CUDA tensors, got a {logits.device.type} tensor; use "
                            f"lsim_kernel='torch' there")
-    return _FusedPairLoss.apply(logits, c1, c2)
+    return _lsim_rows(logits, float(c1), float(c2)).sum()

@@ -77,6 +77,12 @@ class SynthesisMethod:
         self.teacher = teacher
         self.cfg = cfg
         self.attention = attention     # attention recording available (adapted teacher)
+        if cfg.lsim_kernel == 'triton':
+            # registers the kernels' custom ops before anything is traced by torch.compile
+            from mimiq_mm.losses import lsim_triton
+            if not lsim_triton.available():
+                raise RuntimeError("synthesis.lsim_kernel='triton' needs triton (it ships "
+                                   "with CUDA builds of torch); use lsim_kernel='torch'")
 
     def generate(self, ctx: BatchContext) -> BatchResult:
         raise NotImplementedError
