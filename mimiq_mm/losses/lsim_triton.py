@@ -45,26 +45,38 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _chunk(x_ptr, sh, sk, H, K, k0, other, H_PAD: tl.constexpr, BK: tl.constexpr):
+        """Keys ``k0 .. k0 + BK`` of every head of one query row, as float32 (padding:
+        ``other``), with their validity mask and offsets."""
+        offs_h = tl.arange(0, H_PAD)
+        offs_k = k0 + tl.arange(0, BK)
+        valid = (offs_h < H)[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=valid,
+                    other=other).to(tl.float32)
+        return x, valid, offs_h, offs_k
+
+    @triton.jit
+    def _normalise(x, high, low, r, margin):
+        """The min-max normalised chunk (masked keys: 0) and the masked keys."""
+        masked = x < high[:, None] - margin
+        return tl.where(masked, 0.0, (x - low[:, None]) / r[:, None]), masked
+
+    @triton.jit
     def _row_stats(x_ptr, sh, sk, H, K, margin, eps,
                    H_PAD: tl.constexpr, BK: tl.constexpr):
         """Per head of one query row: max, min over the unmasked keys, range, mean and the
         H x H covariance of the normalised row."""
-        offs_h = tl.arange(0, H_PAD)
-        hmask = offs_h < H
+        hmask = tl.arange(0, H_PAD) < H
         high = tl.full((H_PAD,), float('-inf'), tl.float32)
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
-                        other=float('-inf')).to(tl.float32)
+            x, valid, offs_h, offs_k = _chunk(x_ptr, sh, sk, H, K, k0, float('-inf'),
+                                              H_PAD, BK)
             high = tl.maximum(high, tl.max(x, 1))
         high = tl.where(hmask, high, 0.0)
         low = tl.full((H_PAD,), float('inf'), tl.float32)
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
-                        other=float('inf')).to(tl.float32)
+            x, valid, offs_h, offs_k = _chunk(x_ptr, sh, sk, H, K, k0, float('inf'),
+                                              H_PAD, BK)
             x = tl.where(x < high[:, None] - margin, float('inf'), x)
             low = tl.minimum(low, tl.min(x, 1))
         low = tl.where(hmask, low, 0.0)
@@ -72,23 +84,15 @@ if triton is not None:
         r = tl.maximum(span, eps)
         total = tl.zeros((H_PAD,), tl.float32)
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
-                        other=0.0).to(tl.float32)
-            masked = x < high[:, None] - margin
-            m = tl.where(masked | ~m2, 0.0, (x - low[:, None]) / r[:, None])
-            total += tl.sum(m, 1)
+            x, valid, offs_h, offs_k = _chunk(x_ptr, sh, sk, H, K, k0, 0.0, H_PAD, BK)
+            m, masked = _normalise(x, high, low, r, margin)
+            total += tl.sum(tl.where(valid, m, 0.0), 1)
         mean = total / K
         cov = tl.zeros((H_PAD, H_PAD), tl.float32)
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_h[:, None] * sh + offs_k[None, :] * sk, mask=m2,
-                        other=0.0).to(tl.float32)
-            masked = x < high[:, None] - margin
-            m = tl.where(masked, 0.0, (x - low[:, None]) / r[:, None])
-            c = tl.where(m2, m - mean[:, None], 0.0)
+            x, valid, offs_h, offs_k = _chunk(x_ptr, sh, sk, H, K, k0, 0.0, H_PAD, BK)
+            m, masked = _normalise(x, high, low, r, margin)
+            c = tl.where(valid, m - mean[:, None], 0.0)
             cov += tl.sum(c[:, None, :] * c[None, :, :], 2)
         cov = cov / K
         return high, low, span, r, mean, cov
@@ -144,48 +148,38 @@ if triton is not None:
         g_var = tl.sum(tl.where(valid & ~eye, gs * a * (-(2.0 * cov + c2)) /
                                 (den_s * den_s), 0.0), 1)
         w = w + tl.where(eye, 2.0 * g_var[:, None], 0.0)      # d/dcov_ii (times 2 c_i)
-        offs_h = tl.arange(0, H_PAD)
-        hmask = offs_h < H
         active = span > eps                                    # else r = eps: no gradient
+        act = active.to(tl.float32)
         g_low = tl.zeros((H_PAD,), tl.float32)
         g_high = tl.zeros((H_PAD,), tl.float32)
         n_low = tl.zeros((H_PAD,), tl.float32)
         n_high = tl.zeros((H_PAD,), tl.float32)
         # pass 1: gradient of every visible key, and what the min / max receive
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            ptrs = offs_h[:, None] * sh + offs_k[None, :] * sk
-            x = tl.load(base + ptrs, mask=m2, other=0.0).to(tl.float32)
-            masked = x < high[:, None] - margin
-            m = tl.where(masked, 0.0, (x - low[:, None]) / r[:, None])
-            c = tl.where(m2, m - mean[:, None], 0.0)
+            x, valid, offs_h, offs_k = _chunk(base, sh, sk, H, K, k0, 0.0, H_PAD, BK)
+            m, masked = _normalise(x, high, low, r, margin)
+            c = tl.where(valid, m - mean[:, None], 0.0)
             dm = tl.sum(w[:, :, None] * c[None, :, :], 1) / K + g_mean[:, None] / K
-            free = m2 & ~masked
-            act = active.to(tl.float32)[:, None]
+            free = valid & ~masked
             # m = (x - low) / r: dm/dlow = (m - 1) / r, dm/dhigh = -m / r (the parts
             # through r vanish where r is clamped at eps)
-            g_low += tl.sum(tl.where(free, dm * (m * act - 1.0), 0.0), 1) / r
-            g_high += tl.sum(tl.where(free, -dm * m, 0.0), 1) * active.to(tl.float32) / r
-            n_high += tl.sum(tl.where(m2 & (x == high[:, None]), 1.0, 0.0), 1)
+            g_low += tl.sum(tl.where(free, dm * (m * act[:, None] - 1.0), 0.0), 1) / r
+            g_high += tl.sum(tl.where(free, -dm * m, 0.0), 1) * act / r
+            n_high += tl.sum(tl.where(valid & (x == high[:, None]), 1.0, 0.0), 1)
             n_low += tl.sum(tl.where(free & (x == low[:, None]), 1.0, 0.0), 1)
             gptrs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
-            tl.store(gbase + gptrs, tl.where(free, dm / r[:, None], 0.0), mask=m2)
+            tl.store(gbase + gptrs, tl.where(free, dm / r[:, None], 0.0), mask=valid)
         # pass 2: the min and max elements (ties share) get theirs
         add_high = g_high / tl.maximum(n_high, 1.0)
         add_low = g_low / tl.maximum(n_low, 1.0)
         for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            m2 = hmask[:, None] & (offs_k < K)[None, :]
-            ptrs = offs_h[:, None] * sh + offs_k[None, :] * sk
-            gptrs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
-            x = tl.load(base + ptrs, mask=m2, other=0.0).to(tl.float32)
+            x, valid, offs_h, offs_k = _chunk(base, sh, sk, H, K, k0, 0.0, H_PAD, BK)
             masked = x < high[:, None] - margin
             extra = (tl.where(x == high[:, None], add_high[:, None], 0.0)
                      + tl.where(~masked & (x == low[:, None]), add_low[:, None], 0.0))
-            extra = tl.where(m2, extra, 0.0)
-            old = tl.load(gbase + gptrs, mask=m2, other=0.0)
-            tl.store(gbase + gptrs, old + extra, mask=m2)
+            gptrs = gbase + offs_h[:, None] * gsh + offs_k[None, :] * gsk
+            old = tl.load(gptrs, mask=valid, other=0.0)
+            tl.store(gptrs, old + tl.where(valid, extra, 0.0), mask=valid)
 
 
 def _launch_args(logits: Tensor):
