@@ -271,6 +271,15 @@ class MeanAbsObserver(Observer):
         return (self.abs_sum / self.count.clamp(min=1)).float()
 
 
+def size_from_state_dict_(module: nn.Module, name: str, state_dict, prefix: str) -> None:
+    """Give ``module``'s buffer ``name``, whose shape comes from data (empty until then),
+    the shape it has in ``state_dict`` before that is loaded into it."""
+    loaded = state_dict.get(prefix + name)
+    own = getattr(module, name)
+    if loaded is not None and loaded.shape != own.shape:
+        setattr(module, name, torch.zeros_like(loaded, device=own.device))
+
+
 class ChannelMeanObserver(nn.Module):
     """Running mean of a tensor over every axis except its channel axis (and, for a tensor of
     4 or more dimensions, its head axis): the shift a centred quantizer subtracts
@@ -327,9 +336,7 @@ class ChannelMeanObserver(nn.Module):
         return (self.ch_sum / self.count.clamp(min=1)).float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        loaded = state_dict.get(prefix + 'ch_sum')
-        if loaded is not None and loaded.shape != self.ch_sum.shape:
-            self.ch_sum = torch.zeros_like(loaded, device=self.count.device)
+        size_from_state_dict_(self, 'ch_sum', state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantizerConfig
-from .observers import ChannelMeanObserver, PerTokenMSEObserver, build_observer
+from .observers import (ChannelMeanObserver, PerTokenMSEObserver, build_observer,
+                        size_from_state_dict_)
 from .primitives import (choose_log_scale, choose_qparams, fake_quantize_affine_fused,
                          fake_quantize_log, fake_quantize_per_token,
                          lsq_fake_quantize, lsq_init_step, quant_range)
@@ -113,11 +114,9 @@ class Quantizer(nn.Module):
 
     # --- state_dict mirror --------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + 'offset'
-        if key not in state_dict:  # a checkpoint from before centring: no shift
-            state_dict[key] = torch.zeros(0)
-        if state_dict[key].shape != self.offset.shape:
-            self.offset = torch.zeros_like(state_dict[key], device=self.offset.device)
+        # a checkpoint from before centring has no offset: no shift
+        state_dict.setdefault(prefix + 'offset', torch.zeros(0))
+        size_from_state_dict_(self, 'offset', state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.initialized)
         self._unsigned = bool(self.unsigned)
