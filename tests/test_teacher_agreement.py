@@ -60,3 +60,17 @@ def test_segmentation_agreement_is_miou_against_the_teacher_label_map():
     assert other.compute() == pytest.approx((4 / 5 + 3 / 4) / 2)
     with pytest.raises(ValueError, match='pred_instances .* or pred_sem_seg'):
         TeacherAgreement().add([_seg(teacher)], [TEACHER])
+
+
+def test_keep_best_decides_by_the_loss_or_by_the_agreement():
+    from mimiq_mm.engine.hooks import MimiQKeepBestHook, keep_calibrated
+    # the loss: fine-tuning that raised it is undone
+    assert keep_calibrated('loss', 0.5, 0.6, 0.8, 0.9) == (True, 'loss')
+    assert keep_calibrated('loss', 0.5, 0.4, 0.8, 0.1) == (False, 'loss')
+    # the agreement overrides the loss when both students have one
+    assert keep_calibrated('agreement', 0.5, 0.4, 0.8, 0.7) == (True, 'agreement')
+    assert keep_calibrated('agreement', 0.5, 0.6, 0.7, 0.8) == (False, 'agreement')
+    # the teacher predicted nothing on the held-out images: the loss decides
+    assert keep_calibrated('agreement', 0.5, 0.6, None, None) == (True, 'loss')
+    with pytest.raises(ValueError, match="criterion='accuracy' is not valid"):
+        MimiQKeepBestHook(criterion='accuracy')

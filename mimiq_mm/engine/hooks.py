@@ -300,6 +300,17 @@ def _mimiq_loop():
     return MimiQIterBasedTrainLoop
 
 
+def keep_calibrated(criterion: str, loss_ptq: float, loss_finetuned: float,
+                    agreement_ptq: Optional[float] = None,
+                    agreement_finetuned: Optional[float] = None) -> Tuple[bool, str]:
+    """(keep the calibrated student?, what decided): by the held-out loss (fine-tuning
+    raised it), or with ``criterion='agreement'`` by the agreement with the teacher
+    (fine-tuning lowered it) when both agreements exist."""
+    if criterion == 'agreement' and None not in (agreement_ptq, agreement_finetuned):
+        return float(agreement_finetuned) < float(agreement_ptq), 'agreement'
+    return loss_finetuned > loss_ptq, 'loss'
+
+
 def _predict_unscaled(model, inputs, data_samples):
     """``model.predict`` at the network's input size: a synthetic image has no original
     size to scale back to (mmdet's ``rescale`` needs a ``scale_factor``)."""
@@ -471,12 +482,9 @@ class MimiQKeepBestHook(Hook):
         finetuned, terms = self._score(runner)
         agreement, _ = self._agreement(runner)
         ptq_agreement = record.get('heldout_ptq_agreement')
-        decided_by = 'loss'
-        keep_ptq = [finetuned > float(record['heldout_ptq'])]
-        if self.criterion == 'agreement' and agreement is not None \
-                and ptq_agreement is not None:
-            decided_by = 'agreement'
-            keep_ptq = [agreement < float(ptq_agreement)]
+        keep, decided_by = keep_calibrated(self.criterion, float(record['heldout_ptq']),
+                                           finetuned, ptq_agreement, agreement)
+        keep_ptq = [keep]
         dist.broadcast_object_list(keep_ptq, src=0)
         record.update(heldout_finetuned=finetuned, heldout_finetuned_terms=terms,
                       heldout_finetuned_agreement=agreement, decided_by=decided_by,
