@@ -709,17 +709,16 @@ def table_columns(spec: TaskSpec) -> List[Column]:
 def run_demo(args) -> dict:
     work_dir = Path(_resolve(args.work_dir or TASKS[args.task].default_work_dir))
     with stage_lock(work_dir / 'stages'):  # one demo per work dir at a time
-        return _run_demo(args)
+        return _run_demo(args, work_dir)
 
 
-def _run_demo(args) -> dict:
+def _run_demo(args, work_dir: Path) -> dict:
     spec = TASKS[args.task]
     opts = Options(num_val=args.num_val, num_images=args.num_images,
                    synth_iters=args.synth_iters, synth_batch=args.synth_batch,
                    ft_iters=args.ft_iters, ft_batch=args.ft_batch, eval_batch=args.eval_batch,
                    lr=args.lr, seed=args.seed, wbits=args.wbits, abits=args.abits,
                    device=args.device)
-    work_dir = Path(_resolve(args.work_dir or spec.default_work_dir))
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = _resolve(args.teacher_checkpoint or spec.checkpoint)
     if not osp.isfile(checkpoint):
