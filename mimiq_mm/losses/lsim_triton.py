@@ -136,16 +136,17 @@ if triton is not None:
         gbase = gx_ptr + b * gsb + q * gsq
         grad = tl.load(g_ptr + row).to(tl.float32)
         high, low, span, r, mean, cov = _row_stats(base, sh, sk, H, K, margin, eps, H_PAD, BK)
-        a, s, num_a, den_a, den_s, upper, valid, eye = _pair_terms(mean, cov, H, c1, c2,
-                                                                   H_PAD)
+        # (pair names: Triton keeps a name's type through the key loops below)
+        a, s, num_a, den_a, den_s, upper, pair, eye = _pair_terms(mean, cov, H, c1, c2,
+                                                                  H_PAD)
         ssim = a * s
         g = tl.where(upper, -2.0 * ssim * grad, 0.0)
         gs = g + tl.trans(g)                                   # both orders of each pair
         mi, mj = mean[:, None], mean[None, :]
         da_dmi = (2.0 * mj * den_a - num_a * 2.0 * mi) / (den_a * den_a)
-        g_mean = tl.sum(tl.where(valid & ~eye, gs * s * da_dmi, 0.0), 1)
-        w = tl.where(valid & ~eye, gs * a * 2.0 / den_s, 0.0)  # d/dcov_ij, i != j
-        g_var = tl.sum(tl.where(valid & ~eye, gs * a * (-(2.0 * cov + c2)) /
+        g_mean = tl.sum(tl.where(pair & ~eye, gs * s * da_dmi, 0.0), 1)
+        w = tl.where(pair & ~eye, gs * a * 2.0 / den_s, 0.0)  # d/dcov_ij, i != j
+        g_var = tl.sum(tl.where(pair & ~eye, gs * a * (-(2.0 * cov + c2)) /
                                 (den_s * den_s), 0.0), 1)
         w = w + tl.where(eye, 2.0 * g_var[:, None], 0.0)      # d/dcov_ii (times 2 c_i)
         active = span > eps                                    # else r = eps: no gradient
@@ -167,8 +168,8 @@ if triton is not None:
             g_high += tl.sum(tl.where(free, -dm * m, 0.0), 1) * act / r
             n_high += tl.sum(tl.where(valid & (x == high[:, None]), 1.0, 0.0), 1)
             n_low += tl.sum(tl.where(free & (x == low[:, None]), 1.0, 0.0), 1)
-            gptrs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
-            tl.store(gbase + gptrs, tl.where(free, dm / r[:, None], 0.0), mask=valid)
+            goffs = offs_h[:, None] * gsh + offs_k[None, :] * gsk
+            tl.store(gbase + goffs, tl.where(free, dm / r[:, None], 0.0), mask=valid)
         # pass 2: the min and max elements (ties share) get theirs
         add_high = g_high / tl.maximum(n_high, 1.0)
         add_low = g_low / tl.maximum(n_low, 1.0)
