@@ -222,11 +222,13 @@ def test_distiller_mask_rcnn_losses_and_predict(tmp_path, scope):
     assert 'teacher_pred_instances' in out[0]
 
 
-@pytest.mark.parametrize('train_scope', ['quantized', 'all', 'steps'])
+@pytest.mark.parametrize('train_scope', ['quantized', 'all', 'steps', 'layers'])
 def test_distiller_train_scope(tmp_path, train_scope):
     """'quantized' (default): fine-tuning updates the backbone (the quantization scope)
     only; the float neck and heads keep the teacher's weights. 'all': everything trains.
-    'steps': only the learnt quantizer steps of the backbone."""
+    'steps': only the learnt quantizer steps of the backbone. 'layers': the backbone's
+    quantized layers (their weights, biases and steps), not its LayerNorms or position
+    tables."""
     from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
     cfg = tiny_maskrcnn_swin_cfg()
     _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
@@ -237,10 +239,22 @@ def test_distiller_train_scope(tmp_path, train_scope):
     _calibrate(d, batch)
     losses = d.loss(**d.data_preprocessor(copy.deepcopy(batch), True))
     sum(losses.values()).backward()
+    from mimiq_mm.quant import quant_modules
+    quantized = {n for n, _ in quant_modules(d.student)}
+    if train_scope == 'layers':   # something in the backbone stays frozen: norms, tables
+        frozen = [n for n, p in d.student.named_parameters()
+                  if n.startswith('backbone.') and not p.requires_grad]
+        assert any('norm' in n for n in frozen), frozen
     for name, p in d.student.named_parameters():
         in_scope = name.startswith('backbone.')
         if train_scope == 'steps':
             in_scope = in_scope and name.endswith('.step')
+        if train_scope == 'layers':
+            owner = d.student.get_submodule(name.rsplit('.', 1)[0])
+            layer = name.rsplit('.', 1)[0] in quantized or any(
+                name.startswith(q + '.') for q in quantized)
+            in_scope = in_scope and layer
+            assert not (in_scope and isinstance(owner, torch.nn.LayerNorm)), name
         assert p.requires_grad == (in_scope or train_scope == 'all'), name
         if not p.requires_grad:
             assert p.grad is None, name

@@ -36,7 +36,7 @@ DEFAULT_KD_WEIGHTS = dict(
     roi_cls=1.0, roi_reg=1.0, roi_mask=1.0,  # RoI head on the teacher's proposals
     seg=1.0, seg_aux=0.4)  # decode head / auxiliary head logits
 FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
-TRAIN_SCOPES = ('quantized', 'all', 'steps')
+TRAIN_SCOPES = ('quantized', 'all', 'steps', 'layers')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
 
@@ -72,6 +72,9 @@ class MimiQDistiller(BaseModel):
             cannot pull them away from what they learnt on real data. 'all': every
             parameter of the student. 'steps': only the learnt quantizer steps (LSQ
             ``step`` parameters) inside the quantization scope; every float weight stays the
+            teacher's. 'layers': the quantized layers' own parameters (Linear / Conv
+            weights and biases, the steps of their quantizers and of the attention
+            matmuls); LayerNorms, position tables, tokens and layer scales stay the
             teacher's.
         load_teacher: load ``teacher_checkpoint`` (False: test-time, when the student comes
             from a MimiQ checkpoint and the teacher is not evaluated).
@@ -142,8 +145,13 @@ class MimiQDistiller(BaseModel):
         quantize_(student, self.quant_config)
         scope = student if train_scope == 'all' else get_scope(student,
                                                                self.quant_config.scope)[0]
-        trained = [p for name, p in scope.named_parameters()
-                   if train_scope != 'steps' or name.rsplit('.', 1)[-1] == 'step']
+        if train_scope == 'layers':  # the quantized layers' own weights, biases and steps
+            from mimiq_mm.quant import quant_modules
+            trained = list({id(p): p for _, m in quant_modules(scope)
+                            for p in m.parameters()}.values())
+        else:
+            trained = [p for name, p in scope.named_parameters()
+                       if train_scope != 'steps' or name.rsplit('.', 1)[-1] == 'step']
         if not trained:
             raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
                              'quantizers of this quant_cfg learn no steps (lsq=False '

@@ -11,6 +11,7 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh centerB OUT  #   and fine-tuning at lr $LR
 #   bash benchmarks/results/real_backbone/gpu_run.sh agreeA OUT   # lr $LR with the keep-best
 #   bash benchmarks/results/real_backbone/gpu_run.sh agreeB OUT   #   records (loss terms, agreement)
+#   SCOPE=layers bash ... agreeA|agreeB OUT  # the same, fine-tuning only the quantized layers
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -55,10 +56,16 @@ centre() {  # name, task, seed: PTQ (default, then centred activations) on the s
 }
 agree() {  # name, task, seed: PTQ, then the full pipeline at lr $LR; keep_best.json records
     # the held-out loss terms and the teacher agreement of both students, so one run shows
-    # which data-free check follows the metric (the PTQ row is the other student's score)
-    local name=$1 task=$2 seed=$3
+    # which data-free check follows the metric (the PTQ row is the other student's score).
+    # SCOPE=layers|steps: fine-tune only those parameters (model.train_scope)
+    local name=$1 task=$2 seed=$3 tag="" extra=()
+    if [ -n "${SCOPE:-}" ]; then
+        tag="_$SCOPE"
+        extra=(--cfg-options "model.train_scope=$SCOPE")
+    fi
     one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
-    one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR"
+    one "${name}__lr$LR$tag" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
+        "${extra[@]}"
 }
 if [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree), 4 at once: two
     # chained cells each overran a 530 s call
