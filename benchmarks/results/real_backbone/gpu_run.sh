@@ -12,6 +12,8 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh agreeA OUT   # lr $LR with the keep-best
 #   bash benchmarks/results/real_backbone/gpu_run.sh agreeB OUT   #   records (loss terms, agreement)
 #   SCOPE=layers bash ... agreeA|agreeB OUT  # the same, fine-tuning only the quantized layers
+#   bash benchmarks/results/real_backbone/gpu_run.sh gammaB OUT   # gamma=1 at lr $LR, full
+#   bash benchmarks/results/real_backbone/gpu_run.sh gammaA OUT   #   pipeline rows only
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -67,7 +69,24 @@ agree() {  # name, task, seed: PTQ, then the full pipeline at lr $LR; keep_best.
     one "${name}__lr$LR$tag" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
         "${extra[@]}"
 }
-if [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree), 4 at once: two
+ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $LR (the PTQ
+    # rows of these seeds are deterministic and measured by agreeA/agreeB; a name of its own
+    # gives each process its own work dir, so parallel runs never share synthetic images)
+    local name=$1 task=$2 seed=$3
+    shift 3
+    one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" --cfg-options "$@"
+}
+if [ "$mode" = gammaB ]; then  # real-backbone teachers: HSAD weight gamma=1 (task KD 10x
+    # stronger relative to it) at lr $LR
+    (ftonly det_dinov2_s0g1 det_dinov2 0 model.gamma=1.0) &
+    (ftonly det_dinov2_s1g1 det_dinov2 1 model.gamma=1.0) &
+    (ftonly seg_dinov2_s0g1 seg_dinov2 0 model.gamma=1.0) &
+elif [ "$mode" = gammaA ]; then  # demo Swins: gamma=1, and gamma=0 (task KD alone) on det s0
+    (ftonly det_swin_s0g1 det 0 model.gamma=1.0) &
+    (ftonly det_swin_s1g1 det 1 model.gamma=1.0) &
+    (ftonly seg_swin_s0g1 seg 0 model.gamma=1.0) &
+    (ftonly det_swin_s0g0 det 0 model.gamma=0.0) &
+elif [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree), 4 at once: two
     # chained cells each overran a 530 s call
     (agree det_swin_s0 det 0) &
     (agree seg_swin_s0 seg 0) &
