@@ -73,10 +73,39 @@ def test_ptq_only_reports_no_fine_tuning():
 @pytest.mark.parametrize('bad, match', [
     (dict(iters=-1), 'iters'), (dict(lr=float('nan')), 'lr'), (dict(gamma=float('inf')), 'gamma'),
     (dict(holdout=1.0), 'holdout'), (dict(hsad_kind='kl'), 'hsad_kind'),
-    (dict(gamma=0.0, output_weight=0.0), 'nothing to fine-tune')])
+    (dict(gamma=0.0, output_weight=0.0), 'nothing to fine-tune'),
+    (dict(train_scope='heads'), 'train_scope')])
 def test_settings_are_validated(bad, match):
     with pytest.raises(ValueError, match=match):
         DistillSettings(**bad)
+
+
+@pytest.mark.parametrize('train_scope', ['layers', 'steps'])
+def test_train_scope_limits_what_fine_tuning_moves(train_scope):
+    """'layers' moves the quantized layers' weights and steps but leaves LayerNorms,
+    position table and class token the teacher's; 'steps' moves the learnt steps alone."""
+    from mimiq_mm.quant import quant_modules
+    model = _vit()
+    images = _images(8)
+    ptq, _ = quantize_and_distill(model, images, QuantConfig(),
+                                  DistillSettings(iters=0, batch_size=4), progress=None)
+    student, report = quantize_and_distill(
+        model, images, QuantConfig(),
+        DistillSettings(iters=4, batch_size=4, lr=1e-2, holdout=0.0, train_scope=train_scope),
+        progress=None)
+    assert report['kept'] == 'finetuned'
+    layer_prefixes = tuple(f'{name}.' for name, _ in quant_modules(student))
+    before, after = ptq.state_dict(), student.state_dict()
+    moved = {k for k in before if before[k].is_floating_point()
+             and not torch.equal(before[k], after[k])}
+    assert moved, 'fine-tuning changed nothing'
+    if train_scope == 'steps':
+        assert all(k.endswith('.step') for k in moved)
+    else:
+        assert all(k.startswith(layer_prefixes) for k in moved)
+        assert any(k.endswith('.weight') for k in moved)
+    for k in ('cls_token', 'pos_embed', 'norm.weight', 'blocks.0.norm1.weight'):
+        assert torch.equal(before[k], after[k]), k
 
 
 def test_bad_images_are_refused():

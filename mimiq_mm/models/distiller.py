@@ -29,6 +29,8 @@ from mimiq_mm.utils.checkpoint import load_teacher_weights
 from mimiq_mm.utils.finite import check_finite_losses, check_loss_weights
 from mimiq_mm.utils.mm_builder import build_task_model
 
+from .generic import TRAIN_SCOPES, check_train_scope, trainable_parameters  # noqa: F401
+
 #: Default weights of the task-KD terms (each multiplied by ``kd_weight``).
 DEFAULT_KD_WEIGHTS = dict(
     feat=1.0,  # backbone/neck features
@@ -36,7 +38,6 @@ DEFAULT_KD_WEIGHTS = dict(
     roi_cls=1.0, roi_reg=1.0, roi_mask=1.0,  # RoI head on the teacher's proposals
     seg=1.0, seg_aux=0.4)  # decode head / auxiliary head logits
 FEAT_SOURCES = ('neck', 'backbone', 'both', 'none')
-TRAIN_SCOPES = ('quantized', 'all', 'steps', 'layers')
 PRED_KEYS = ('pred_instances', 'pred_sem_seg', 'seg_logits', 'pred_panoptic_seg')
 TEACHER_PREFIX = 'teacher_'
 
@@ -112,9 +113,7 @@ class MimiQDistiller(BaseModel):
         unknown = sorted(set(kd_weights or {}) - set(DEFAULT_KD_WEIGHTS))
         if unknown:
             raise ValueError(f'unknown kd_weights {unknown}; valid: {sorted(DEFAULT_KD_WEIGHTS)}')
-        if train_scope not in TRAIN_SCOPES:
-            raise ValueError(f'train_scope={train_scope!r} is not valid; use one of '
-                             f'{TRAIN_SCOPES}')
+        check_train_scope(train_scope)
         if not isinstance(teacher, dict) or 'type' not in teacher:
             raise ValueError('teacher must be a model config dict with a "type" '
                              '(e.g. teacher=_base_.model)')
@@ -143,19 +142,7 @@ class MimiQDistiller(BaseModel):
             dict(quant_cfg) if quant_cfg is not None else None)
         student = copy.deepcopy(teacher_model)
         quantize_(student, self.quant_config)
-        scope = student if train_scope == 'all' else get_scope(student,
-                                                               self.quant_config.scope)[0]
-        if train_scope == 'layers':  # the quantized layers' own weights, biases and steps
-            from mimiq_mm.quant import quant_modules
-            trained = list({id(p): p for _, m in quant_modules(scope)
-                            for p in m.parameters()}.values())
-        else:
-            trained = [p for name, p in scope.named_parameters()
-                       if train_scope != 'steps' or name.rsplit('.', 1)[-1] == 'step']
-        if not trained:
-            raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
-                             'quantizers of this quant_cfg learn no steps (lsq=False '
-                             "everywhere); use train_scope='quantized'")
+        trained = trainable_parameters(student, self.quant_config.scope, train_scope)
         for p in student.parameters():
             p.requires_grad_(False)
         for p in trained:

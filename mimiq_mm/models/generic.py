@@ -59,6 +59,10 @@ class DistillSettings:
         clip_grad: max gradient norm (None: no clipping).
         seed: order of the batches.
         log_interval: report every N steps through ``progress`` (0: never).
+        train_scope: which parameters fine-tuning updates (:func:`trainable_parameters`):
+            'quantized' (default: every parameter inside ``quant_cfg.scope``), 'layers'
+            (the quantized layers' own weights, biases and steps), 'steps' (the learnt
+            quantizer steps only) or 'all'.
     """
     iters: int = 300
     batch_size: int = 8
@@ -72,6 +76,7 @@ class DistillSettings:
     clip_grad: Optional[float] = 10.0
     seed: int = 0
     log_interval: int = 50
+    train_scope: str = 'quantized'
 
     def __post_init__(self):
         def positive_int(name, value, minimum=1):
@@ -96,6 +101,47 @@ class DistillSettings:
             raise ValueError(f'holdout={self.holdout!r} is not valid; use a fraction in [0, 1)')
         if self.clip_grad is not None and not float(self.clip_grad) > 0:
             raise ValueError(f'clip_grad={self.clip_grad!r} is not valid; use > 0 or None')
+        check_train_scope(self.train_scope)
+
+
+#: what fine-tuning may update, see :func:`trainable_parameters`
+TRAIN_SCOPES = ('quantized', 'all', 'steps', 'layers')
+
+
+def check_train_scope(train_scope: str) -> None:
+    if train_scope not in TRAIN_SCOPES:
+        raise ValueError(f'train_scope={train_scope!r} is not valid; use one of {TRAIN_SCOPES}')
+
+
+def _is_step(name: str) -> bool:
+    return name.rsplit('.', 1)[-1] == 'step'
+
+
+def trainable_parameters(student: nn.Module, quant_scope: Optional[str],
+                         train_scope: str = 'quantized') -> List[nn.Parameter]:
+    """The parameters of a quantized ``student`` that fine-tuning updates, each once.
+
+    ``quant_scope`` is ``QuantConfig.scope`` (the part ``quantize_`` quantized).
+    ``train_scope``: 'quantized' every parameter inside that part; 'all' every parameter
+    of the student; 'steps' the learnt quantizer steps (LSQ ``step``) inside that part;
+    'layers' the quantized layers' own parameters (Linear / Conv weights and biases, the
+    steps of their quantizers and of the attention matmuls), so LayerNorms, position tables,
+    tokens and layer scales stay the teacher's. Raises ``ValueError`` when nothing is left.
+    """
+    from mimiq_mm.quant import get_scope, quant_modules
+    check_train_scope(train_scope)
+    part = student if train_scope == 'all' else get_scope(student, quant_scope)[0]
+    if train_scope == 'layers':
+        found = [p for _, m in quant_modules(part) for p in m.parameters()]
+    else:
+        found = [p for name, p in part.named_parameters()
+                 if train_scope != 'steps' or _is_step(name)]
+    trained = list({id(p): p for p in found}.values())
+    if not trained:
+        raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
+                         'quantizers of this quant_cfg learn no steps (lsq=False '
+                         "everywhere); use train_scope='quantized'")
+    return trained
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -305,15 +351,15 @@ def quantize_and_distill(model: nn.Module, images: Union[Tensor, Sequence[Tensor
     if held:
         report['heldout_ptq'] = heldout_loss(loss_fn, held)
         ptq_state = copy.deepcopy(student.state_dict())
-    scope = get_scope(student, cfg.scope)[0]
-    steps = [p for n, p in scope.named_parameters() if n.rsplit('.', 1)[-1] == 'step']
-    step_ids = {id(p) for p in steps}
-    weights = [p for p in scope.parameters() if id(p) not in step_ids]
+    trained = trainable_parameters(student, cfg.scope, settings.train_scope)
+    step_ids = {id(p) for n, p in student.named_parameters() if _is_step(n)}
+    steps = [p for p in trained if id(p) in step_ids]
+    weights = [p for p in trained if id(p) not in step_ids]
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in steps + weights:
+    for p in trained:
         p.requires_grad_(True)
-    groups = [dict(params=weights, lr=settings.lr)]
+    groups = [dict(params=weights, lr=settings.lr)] if weights else []
     if steps:
         groups.append(dict(params=steps, lr=settings.lr * settings.step_lr_mult,
                            weight_decay=0.0))
