@@ -80,11 +80,10 @@ if [ "$mode" = gammaB ]; then  # real-backbone teachers: HSAD weight gamma=1 (ta
     # stronger relative to it) at lr $LR
     (ftonly det_dinov2_s0g1 det_dinov2 0 model.gamma=1.0) &
     (ftonly det_dinov2_s1g1 det_dinov2 1 model.gamma=1.0) &
-    (ftonly seg_dinov2_s0g1 seg_dinov2 0 model.gamma=1.0) &
-elif [ "$mode" = gammaA ]; then  # demo Swins: gamma=1, and gamma=0 (task KD alone) on det s0
+elif [ "$mode" = gammaA ]; then  # demo Swin detector (the one that drifts): gamma=1, and
+    # gamma=0 (task KD alone) on s0
     (ftonly det_swin_s0g1 det 0 model.gamma=1.0) &
     (ftonly det_swin_s1g1 det 1 model.gamma=1.0) &
-    (ftonly seg_swin_s0g1 seg 0 model.gamma=1.0) &
     (ftonly det_swin_s0g0 det 0 model.gamma=0.0) &
 elif [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree), 4 at once: two
     # chained cells each overran a 530 s call
