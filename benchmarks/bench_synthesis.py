@@ -107,6 +107,7 @@ VARIANT_FLAGS = {'compile-loss': ('compile', 'loss'), 'compile-full': ('compile'
                  'cudagraphs': ('compile_mode', 'reduce-overhead'),
                  'nochunk': ('max_chunk_elements', 1 << 62),
                  'triton': ('lsim_kernel', 'triton'),
+                 'rows4': ('lsim_rows', 4), 'rows8': ('lsim_rows', 8),
                  'backbone-only': ('backbone_only', True)}
 DEFAULT_VARIANTS = ('fp32',)
 
@@ -119,7 +120,8 @@ def parse_variant(name: str) -> dict:
     (compile_mode='max-autotune-no-cudagraphs'), cudagraphs (compile_mode='reduce-overhead':
     the compiled graphs replayed as CUDA graphs), nochunk (no L_sim query chunks, hence no
     activation checkpointing of them), triton (L_sim through the fused Triton kernels of
-    mimiq_mm.losses.lsim_triton), backbone-only (a reference, not a synthesis step: the
+    mimiq_mm.losses.lsim_triton), rows4 / rows8 (with triton: query rows per Triton program,
+    default 1), backbone-only (a reference, not a synthesis step: the
     plain backbone forward with nothing recorded, a sum of squares of its outputs as the loss,
     backward to the pixels and AdamW; with compile-full it is compiled as one graph. Its FLOPs
     are counted on that step, so its TFLOP/s is the rate the backbone alone reaches).
@@ -139,13 +141,17 @@ def parse_variant(name: str) -> dict:
                          'compile-full')
     if sum(flag in ('autotune', 'cudagraphs') for flag in flags) > 1:
         raise ValueError(f'variant {name!r}: autotune and cudagraphs are exclusive')
+    if 'lsim_rows' in settings and settings.get('lsim_kernel') != 'triton':
+        raise ValueError(f'variant {name!r}: rows4 / rows8 need triton')
     return settings
 
 
 def build_method(teacher, variant: str, batch: int, size: int):
     from mimiq_mm.synthesis import SynthesisConfig
     from mimiq_mm.synthesis import build_method as build
+    from mimiq_mm.losses import lsim_triton
     settings = parse_variant(variant)
+    lsim_triton.ROWS_PER_PROGRAM = settings.pop('lsim_rows', 1)
     if settings.pop('backbone_only', False):
         return BackboneOnly(teacher, settings)
     cfg = SynthesisConfig(batch_size=batch, image_size=size, progress=False, figures=False,

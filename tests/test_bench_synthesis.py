@@ -244,3 +244,7 @@ def test_full_compile_of_the_vit_backbones_has_no_graph_break(bench, teachers, n
 def test_triton_variant_selects_the_fused_lsim(bench):
     assert bench.parse_variant('bf16+compile-full+triton') == dict(
         bf16=True, tf32=False, compile='full', lsim_kernel='triton')
+    assert bench.parse_variant('bf16+triton+rows8') == dict(
+        bf16=True, tf32=False, lsim_kernel='triton', lsim_rows=8)
+    with pytest.raises(ValueError, match='need triton'):
+        bench.parse_variant('bf16+rows4')

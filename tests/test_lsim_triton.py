@@ -47,6 +47,12 @@ compare(ties)
 full = torch.randn(2, 5, 9, 9, generator=g) * 2
 compare(full[:, :, 1:, 1:])
 compare((torch.randn(1, 4, 6, 40, generator=g) * 3).bfloat16())
+# several query rows per program, the last program partly empty (rows = 2 * 7 = 14)
+from mimiq_mm.losses import lsim_triton
+lsim_triton.ROWS_PER_PROGRAM = 4
+compare(torch.randn(2, 3, 7, 12, generator=g) * 3)
+compare(swin)
+lsim_triton.ROWS_PER_PROGRAM = 1
 # the layer loss the synthesis calls, fused or not
 recs = [(torch.randn(2, 4, 16, 16, generator=g) * 2).to(DEV),
         torch.randn(2, 3, 8, 8, generator=g).to(DEV)]
@@ -90,9 +96,9 @@ def test_fused_lsim_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
         SynthesisConfig(lsim_kernel='cuda')
 
 
-@pytest.mark.parametrize('dtype', ['bf16', 'fp32'])
+@pytest.mark.parametrize('dtype, rows', [('bf16', 1), ('fp32', 1), ('bf16', 4)])
 @pytest.mark.parametrize('h_pad', [4, 8, 32])   # Swin-T's 3 / 6 / 24 heads, DINOv2's 6
-def test_fused_lsim_kernels_compile_for_hopper(dtype, h_pad):
+def test_fused_lsim_kernels_compile_for_hopper(dtype, rows, h_pad):
     """The interpreter runs what the compiler refuses (a loop-carried name that changes
     type ran there and failed on an H200): both kernels go through Triton's real compiler
     for sm_90, ahead of time, which needs no GPU (ptxas ships with triton)."""
@@ -101,7 +107,7 @@ def test_fused_lsim_kernels_compile_for_hopper(dtype, h_pad):
     from triton.compiler import ASTSource
 
     from mimiq_mm.losses import lsim_triton as L
-    consts = dict(H_PAD=h_pad, BK=L.BLOCK_K)
+    consts = dict(H_PAD=h_pad, BK=L.BLOCK_K, BQ=rows)
     floats = {'margin', 'eps', 'c1', 'c2'}
     kernels = ((L._lsim_fwd_kernel, {'x_ptr': f'*{dtype}', 'out_ptr': '*fp32'}),
                (L._lsim_bwd_kernel, {'x_ptr': f'*{dtype}', 'gx_ptr': f'*{dtype}',

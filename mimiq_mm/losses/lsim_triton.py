@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 #: keys per chunk streamed through registers
 BLOCK_K = 32
+#: query rows per program, handled in turn: fewer, longer programs for the many small rows
+#: of Swin windows. 1 until timed otherwise (``bench_synthesis.py`` variants ``rowsN``).
+ROWS_PER_PROGRAM = 1
 
 
 def available() -> bool:
@@ -113,9 +116,8 @@ if triton is not None:
         return a, s, num_a, den_a, den_s, upper, valid, eye
 
     @triton.jit
-    def _lsim_fwd_kernel(x_ptr, out_ptr, NQ, sb, sh, sq, sk, H, K, margin, eps, c1, c2,
-                         H_PAD: tl.constexpr, BK: tl.constexpr):
-        row = tl.program_id(0)
+    def _lsim_fwd_row(x_ptr, out_ptr, row, NQ, sb, sh, sq, sk, H, K, margin, eps, c1, c2,
+                      H_PAD: tl.constexpr, BK: tl.constexpr):
         b = row // NQ
         q = row % NQ
         base = x_ptr + b * sb + q * sq
@@ -127,9 +129,29 @@ if triton is not None:
         tl.store(out_ptr + row, loss)
 
     @triton.jit
-    def _lsim_bwd_kernel(x_ptr, gx_ptr, g_ptr, NQ, sb, sh, sq, sk, gsb, gsh, gsq, gsk,
-                         H, K, margin, eps, c1, c2, H_PAD: tl.constexpr, BK: tl.constexpr):
-        row = tl.program_id(0)
+    def _lsim_fwd_kernel(x_ptr, out_ptr, NROWS, NQ, sb, sh, sq, sk, H, K, margin, eps, c1,
+                         c2, H_PAD: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr):
+        """Query rows ``BQ * pid .. BQ * pid + BQ - 1``, one after the other."""
+        for i in tl.static_range(BQ):
+            row = tl.program_id(0) * BQ + i
+            if row < NROWS:
+                _lsim_fwd_row(x_ptr, out_ptr, row, NQ, sb, sh, sq, sk, H, K, margin, eps,
+                              c1, c2, H_PAD, BK)
+
+    @triton.jit
+    def _lsim_bwd_kernel(x_ptr, gx_ptr, g_ptr, NROWS, NQ, sb, sh, sq, sk, gsb, gsh, gsq, gsk,
+                         H, K, margin, eps, c1, c2, H_PAD: tl.constexpr, BK: tl.constexpr,
+                         BQ: tl.constexpr):
+        """Query rows ``BQ * pid .. BQ * pid + BQ - 1``, one after the other."""
+        for i in tl.static_range(BQ):
+            row = tl.program_id(0) * BQ + i
+            if row < NROWS:
+                _lsim_bwd_row(x_ptr, gx_ptr, g_ptr, row, NQ, sb, sh, sq, sk, gsb, gsh, gsq,
+                              gsk, H, K, margin, eps, c1, c2, H_PAD, BK)
+
+    @triton.jit
+    def _lsim_bwd_row(x_ptr, gx_ptr, g_ptr, row, NQ, sb, sh, sq, sk, gsb, gsh, gsq, gsk,
+                      H, K, margin, eps, c1, c2, H_PAD: tl.constexpr, BK: tl.constexpr):
         b = row // NQ
         q = row % NQ
         base = x_ptr + b * sb + q * sq
@@ -198,8 +220,10 @@ def _lsim_rows(logits: Tensor, c1: float, c2: float) -> Tensor:
     b, h, nq, k, h_pad, margin, eps = _launch_args(logits)
     out = torch.empty(b * nq, device=logits.device, dtype=torch.float32)
     if out.numel():
-        _lsim_fwd_kernel[(b * nq,)](logits, out, nq, *logits.stride(), h, k, margin, eps,
-                                    float(c1), float(c2), H_PAD=h_pad, BK=BLOCK_K)
+        bq = ROWS_PER_PROGRAM
+        _lsim_fwd_kernel[(triton.cdiv(b * nq, bq),)](
+            logits, out, b * nq, nq, *logits.stride(), h, k, margin, eps, float(c1),
+            float(c2), H_PAD=h_pad, BK=BLOCK_K, BQ=bq)
     return out
 
 
@@ -214,9 +238,10 @@ def _lsim_rows_backward(logits: Tensor, grad_rows: Tensor, c1: float, c2: float)
     grad = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
     g = grad_rows.to(torch.float32).contiguous()
     if grad.numel():
-        _lsim_bwd_kernel[(b * nq,)](logits, grad, g, nq, *logits.stride(), *grad.stride(),
-                                    h, k, margin, eps, float(c1), float(c2), H_PAD=h_pad,
-                                    BK=BLOCK_K)
+        bq = ROWS_PER_PROGRAM
+        _lsim_bwd_kernel[(triton.cdiv(b * nq, bq),)](
+            logits, grad, g, b * nq, nq, *logits.stride(), *grad.stride(), h, k, margin, eps,
+            float(c1), float(c2), H_PAD=h_pad, BK=BLOCK_K, BQ=bq)
     return grad.to(logits.dtype)
 
 
