@@ -84,7 +84,7 @@ elif [ "$mode" = gammaA ]; then  # demo Swin detector (the one that drifts): gam
     # gamma=0 (task KD alone) on s0
     (ftonly det_swin_s0g1 det 0 model.gamma=1.0) &
     (ftonly det_swin_s1g1 det 1 model.gamma=1.0) &
-    (ftonly det_swin_s0g0 det 0 model.gamma=0.0) &
+    [ -n "${NO_G0:-}" ] || (ftonly det_swin_s0g0 det 0 model.gamma=0.0) &
 elif [ "$mode" = agreeA ]; then  # demo Swins (their checkpoints in the tree), 4 at once: two
     # chained cells each overran a 530 s call
     (agree det_swin_s0 det 0) &
