@@ -29,7 +29,7 @@ from mimiq_mm.utils.checkpoint import load_teacher_weights
 from mimiq_mm.utils.finite import check_finite_losses, check_loss_weights
 from mimiq_mm.utils.mm_builder import build_task_model
 
-from .generic import TRAIN_SCOPES, check_train_scope, trainable_parameters  # noqa: F401
+from .generic import check_train_scope, trainable_parameters
 
 #: Default weights of the task-KD terms (each multiplied by ``kd_weight``).
 DEFAULT_KD_WEIGHTS = dict(
