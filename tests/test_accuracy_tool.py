@@ -33,8 +33,8 @@ def _results_file(accuracy, path: Path, cells: dict, card='NVIDIA H200', num_val
 
 
 def _cell(row, bits, bbox, segm, **extra):
-    return dict(task='det', row=row, bits=bits, label=row,
-                metrics=dict(bbox_mAP=bbox, segm_mAP=segm), seconds={}, notes={}, **extra)
+    return dict(dict(task='det', row=row, bits=bits, label=row,
+                     metrics=dict(bbox_mAP=bbox, segm_mAP=segm), seconds={}, notes={}), **extra)
 
 
 def test_merge_joins_per_gpu_files_of_one_card(accuracy, tmp_path):
@@ -318,3 +318,40 @@ def test_a_second_process_on_the_same_stage_folder_stops_at_once(tmp_path):
         holder.wait()
     with demo.stage_lock(stage):  # the holder died: its lock went with it
         assert stage.is_dir()
+
+
+def test_time_to_quality_puts_iteration_counts_on_one_curve(accuracy, tmp_path):
+    ttq = _load('mimiq_time_to_quality', 'benchmarks/time_to_quality.py')
+    paths = []
+    for seed, iters, bbox, secs in ((0, 50, 0.164, 21.0), (1, 50, 0.166, 24.0),
+                                    (0, 200, 0.160, 105.0)):
+        cells = {'det/ptq_mimiq/W4A4': _cell('ptq_mimiq', 'W4A4', bbox, 0.146, seconds={
+            'ptq_mimiq: synthesis (mimiq)': secs, 'ptq_mimiq: calibration': 8.0}),
+            # real images and the float row have no synthesis: not on any curve
+            'det/ptq_real/W4A4': _cell('ptq_real', 'W4A4', 0.170, 0.150),
+            'det/float/float': _cell('float', 'float', 0.18, 0.16)}
+        path = _results_file(accuracy, tmp_path / f's{seed}_it{iters}/r.json', cells)
+        state = json.loads(path.read_text())
+        state['settings'].update(seed=seed, synth_iters=iters)
+        path.write_text(json.dumps(state))
+        paths.append(str(path))
+    out = tmp_path / 'out'
+    rows = ttq.main([*paths, '--out', str(out), '--note', 'test card'])
+    assert [(r['row'], r['synth_iters'], r['seeds']) for r in rows] == \
+        [('ptq_mimiq', 50, [0, 1]), ('ptq_mimiq', 200, [0])]
+    fifty = rows[0]
+    assert fifty['bbox_mAP'] == [0.164, 0.166]
+    assert fifty['bbox_mAP_mean'] == pytest.approx(0.165)
+    assert fifty['image_iters'] == accuracy.FULL['num_images'] * 50
+    assert fifty['synthesis_s'] == [21.0, 24.0]
+    md = (out / 'time_to_quality_nvidia-h200.md').read_text()
+    assert 's0: 16.4 / 14.6; s1: 16.6 / 14.6' in md and '16.50 / 14.60' in md
+    assert (out / 'time_to_quality_nvidia-h200.png').stat().st_size > 0
+    # the same seed at the same iteration count twice is refused, and so is a second card
+    with pytest.raises(SystemExit, match='seed 0'):
+        ttq.main([paths[0], paths[0], '--out', str(out), '--no-plot'])
+    other = _results_file(accuracy, tmp_path / 'h100/r.json',
+                          {'det/ptq_mimiq/W4A4': _cell('ptq_mimiq', 'W4A4', 0.1, 0.1)},
+                          card='NVIDIA H100')
+    with pytest.raises(SystemExit, match='several cards'):
+        ttq.main([paths[0], str(other), '--out', str(out), '--no-plot'])

@@ -6,6 +6,8 @@
   layer of the float teacher and of the quantized student on the same image, per head.
   Swin windows are stitched back into the feature map, so each panel covers the whole image.
 - :func:`synthetic_contact_sheet`: the contact sheet of a synthetic dataset folder.
+- :func:`metric_curves`: one line per series of ``(x, y)`` points, log x axis (accuracy
+  against synthesis cost).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ['results_bar_chart', 'attention_head_maps', 'pick_attention_layer',
-           'teacher_student_attention_figure', 'synthetic_contact_sheet']
+           'teacher_student_attention_figure', 'synthetic_contact_sheet', 'metric_curves']
 
 MAX_HEADS_SHOWN = 8
 
@@ -69,6 +71,29 @@ def results_bar_chart(rows: Sequence[dict], metrics: Sequence[Tuple[str, str]], 
     ax.legend(fontsize=8, loc='upper right')
     if title:
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_curves(series: Dict[str, Sequence[Tuple[float, float]]], path, xlabel: str = '',
+                  ylabel: str = '', title: str = '') -> Path:
+    """Line plot, one line per ``series`` entry (its points sorted by x), log x axis."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker='o', label=label)
+    ax.set_xscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
