@@ -527,7 +527,8 @@ class _PhaseTimes:
                 total = runner.train_loop.max_iters
                 done = runner.iter + 1
                 if done == total or done % max(1, total // 6) == 0:
-                    loss = float((outputs or {}).get('loss', float('nan')))
+                    loss = (outputs or {}).get('loss', float('nan'))
+                    loss = float(loss.detach() if hasattr(loss, 'detach') else loss)
                     per_it = (time.perf_counter() - outer.calibrated) / done
                     print(f'    fine-tuning {done}/{total}: loss {loss:.4f} '
                           f'({per_it:.2f} s/it)', file=sys.__stdout__, flush=True)
