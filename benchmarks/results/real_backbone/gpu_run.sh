@@ -14,6 +14,9 @@
 #   SCOPE=layers bash ... agreeA|agreeB OUT  # the same, fine-tuning only the quantized layers
 #   bash benchmarks/results/real_backbone/gpu_run.sh gammaB OUT   # gamma=1 at lr $LR, full
 #   bash benchmarks/results/real_backbone/gpu_run.sh gammaA OUT   #   pipeline rows only
+#   bash benchmarks/results/real_backbone/gpu_run.sh imagesA OUT  # 512 images x 50 iterations
+#   bash benchmarks/results/real_backbone/gpu_run.sh imagesB OUT  #   (the synthesis cost of
+#     128 x 200): PTQ, then the full pipeline at lr $LR on the same images
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -76,7 +79,25 @@ ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $L
     shift 3
     one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" --cfg-options "$@"
 }
-if [ "$mode" = gammaB ]; then  # real-backbone teachers: HSAD weight gamma=1 (task KD 10x
+IMAGES=${IMAGES:-512}
+ITERS=${ITERS:-50}
+images() {  # name, task, seed: PTQ on $IMAGES MimiQ images x $ITERS iterations, then the full
+    # pipeline at lr $LR on the same images (the fine-tuning sees each image 2400 / ($IMAGES
+    # - 8) times: 20 at 128 images, under 5 at 512)
+    local name=$1 task=$2 seed=$3 size=(--num-images "$IMAGES" --synth-iters "$ITERS")
+    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 "${size[@]}"
+    one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
+        "${size[@]}"
+}
+if [ "$mode" = imagesA ]; then  # the drifting demo Swin detector, and det_dinov2 s0
+    (images det_swin_s0_n$IMAGES det 0) &
+    (images det_swin_s1_n$IMAGES det 1) &
+    (images det_dinov2_s0_n$IMAGES det_dinov2 0) &
+elif [ "$mode" = imagesB ]; then
+    (images det_dinov2_s1_n$IMAGES det_dinov2 1) &
+    (images seg_dinov2_s0_n$IMAGES seg_dinov2 0) &
+    (images seg_swin_s0_n$IMAGES seg 0) &
+elif [ "$mode" = gammaB ]; then  # real-backbone teachers: HSAD weight gamma=1 (task KD 10x
     # stronger relative to it) at lr $LR
     (ftonly det_dinov2_s0g1 det_dinov2 0 model.gamma=1.0) &
     (ftonly det_dinov2_s1g1 det_dinov2 1 model.gamma=1.0) &
