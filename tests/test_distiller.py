@@ -222,13 +222,13 @@ def test_distiller_mask_rcnn_losses_and_predict(tmp_path, scope):
     assert 'teacher_pred_instances' in out[0]
 
 
-@pytest.mark.parametrize('train_scope', ['quantized', 'all', 'steps', 'layers'])
+@pytest.mark.parametrize('train_scope', ['quantized', 'all', 'steps', 'layers', 'weights'])
 def test_distiller_train_scope(tmp_path, train_scope):
     """'quantized' (default): fine-tuning updates the backbone (the quantization scope)
     only; the float neck and heads keep the teacher's weights. 'all': everything trains.
     'steps': only the learnt quantizer steps of the backbone. 'layers': the backbone's
     quantized layers (their weights, biases and steps), not its LayerNorms or position
-    tables."""
+    tables. 'weights': the backbone without the steps."""
     from mimiq_mm.testing import tiny_maskrcnn_swin_cfg
     cfg = tiny_maskrcnn_swin_cfg()
     _save_teacher(cfg.model, 'mmdet', tmp_path / 't.pth')
@@ -249,6 +249,8 @@ def test_distiller_train_scope(tmp_path, train_scope):
         in_scope = name.startswith('backbone.')
         if train_scope == 'steps':
             in_scope = in_scope and name.endswith('.step')
+        if train_scope == 'weights':
+            in_scope = in_scope and not name.endswith('.step')
         if train_scope == 'layers':
             owner = d.student.get_submodule(name.rsplit('.', 1)[0])
             in_scope = in_scope and any(name.startswith(q + '.') for q in quantized)
@@ -258,7 +260,8 @@ def test_distiller_train_scope(tmp_path, train_scope):
             assert p.grad is None, name
     grads = {n: p.grad for n, p in d.student.named_parameters() if p.grad is not None}
     assert any(n.startswith('backbone.') and g.abs().sum() > 0 for n, g in grads.items())
-    assert any(n.startswith('backbone.') and n.endswith('.step') for n in grads)
+    assert any(n.startswith('backbone.') and n.endswith('.step') for n in grads) == \
+        (train_scope != 'weights')
     assert any(n.startswith('neck.') for n in grads) == (train_scope == 'all')
     assert any(n.endswith('.weight') for n in grads) == (train_scope != 'steps')
     assert all(not p.requires_grad for p in d.teacher.parameters())

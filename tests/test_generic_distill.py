@@ -80,10 +80,11 @@ def test_settings_are_validated(bad, match):
         DistillSettings(**bad)
 
 
-@pytest.mark.parametrize('train_scope', ['layers', 'steps'])
+@pytest.mark.parametrize('train_scope', ['layers', 'steps', 'weights'])
 def test_train_scope_limits_what_fine_tuning_moves(train_scope):
     """'layers' moves the quantized layers' weights and steps but leaves LayerNorms,
-    position table and class token the teacher's; 'steps' moves the learnt steps alone."""
+    position table and class token the teacher's; 'steps' moves the learnt steps alone;
+    'weights' moves LayerNorms and weights but no step."""
     from mimiq_mm.quant import quant_modules
     model = _vit()
     images = _images(8)
@@ -101,6 +102,11 @@ def test_train_scope_limits_what_fine_tuning_moves(train_scope):
     assert moved, 'fine-tuning changed nothing'
     if train_scope == 'steps':
         assert all(k.endswith('.step') for k in moved)
+    elif train_scope == 'weights':
+        steps = [k for k in before if k.endswith('.step')]
+        assert steps and not any(k.endswith('.step') for k in moved)
+        assert 'blocks.0.norm1.weight' in moved and any(k.endswith('fc1.weight') for k in moved)
+        return
     else:
         assert all(k.startswith(layer_prefixes) for k in moved)
         assert any(k.endswith('.weight') for k in moved)

@@ -76,7 +76,8 @@ class MimiQDistiller(BaseModel):
             teacher's. 'layers': the quantized layers' own parameters (Linear / Conv
             weights and biases, the steps of their quantizers and of the attention
             matmuls); LayerNorms, position tables, tokens and layer scales stay the
-            teacher's.
+            teacher's. 'weights': like 'quantized' but without the learnt quantizer steps
+            (the clipping ratios stay the calibrated ones).
         load_teacher: load ``teacher_checkpoint`` (False: test-time, when the student comes
             from a MimiQ checkpoint and the teacher is not evaluated).
         teacher_scope: registry scope of the teacher ('mmdet' / 'mmseg'); inferred if None.

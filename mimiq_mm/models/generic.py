@@ -62,7 +62,7 @@ class DistillSettings:
         train_scope: which parameters fine-tuning updates (:func:`trainable_parameters`):
             'quantized' (default: every parameter inside ``quant_cfg.scope``), 'layers'
             (the quantized layers' own weights, biases and steps), 'steps' (the learnt
-            quantizer steps only) or 'all'.
+            quantizer steps only), 'weights' ('quantized' without the steps) or 'all'.
     """
     iters: int = 300
     batch_size: int = 8
@@ -105,7 +105,7 @@ class DistillSettings:
 
 
 #: what fine-tuning may update, see :func:`trainable_parameters`
-TRAIN_SCOPES = ('quantized', 'all', 'steps', 'layers')
+TRAIN_SCOPES = ('quantized', 'all', 'steps', 'layers', 'weights')
 
 
 def check_train_scope(train_scope: str) -> None:
@@ -126,7 +126,9 @@ def trainable_parameters(student: nn.Module, quant_scope: Optional[str],
     of the student; 'steps' the learnt quantizer steps (LSQ ``step``) inside that part;
     'layers' the quantized layers' own parameters (Linear / Conv weights and biases, the
     steps of their quantizers and of the attention matmuls), so LayerNorms, position tables,
-    tokens and layer scales stay the teacher's. Raises ``ValueError`` when nothing is left.
+    tokens and layer scales stay the teacher's; 'weights' every parameter inside that part
+    except the learnt quantizer steps, so the calibrated clipping ratios stay as calibration
+    set them. Raises ``ValueError`` when nothing is left.
     """
     from mimiq_mm.quant import get_scope, quant_modules
     check_train_scope(train_scope)
@@ -134,8 +136,9 @@ def trainable_parameters(student: nn.Module, quant_scope: Optional[str],
     if train_scope == 'layers':
         found = [p for _, m in quant_modules(part) for p in m.parameters()]
     else:
-        found = [p for name, p in part.named_parameters()
-                 if train_scope != 'steps' or _is_step(name)]
+        keep = {'steps': _is_step, 'weights': lambda name: not _is_step(name)}.get(
+            train_scope, lambda name: True)
+        found = [p for name, p in part.named_parameters() if keep(name)]
     trained = list({id(p): p for p in found}.values())
     if not trained:
         raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
