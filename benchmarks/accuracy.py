@@ -14,7 +14,8 @@ bit width (W4A4, W6A6, W3A3, W2A4), the rows are:
 
 plus ablations of full MimiQ at W4A4: abl_no_sim (synthesis without L_sim: Gaussian init
 optimised with TV + the task loss only), abl_no_hsad (gamma = 0), abl_no_task_kd (the
-RPN/RoI/segmentation-logit KD terms off; feature KD and HSAD kept).
+RPN/RoI/segmentation-logit KD terms off; feature KD and HSAD kept), abl_gaussian (the
+same calibration and fine-tuning on Gaussian-noise images: what the synthesis adds).
 
     python benchmarks/accuracy.py                                # everything (GPU)
     python benchmarks/accuracy.py --tasks det --rows float ptq_gaussian mimiq --bits W4A4
@@ -43,7 +44,7 @@ from mimiq_mm.utils.report import (Column, card_slug, machine_info, markdown_tab
 
 BITS = ('W4A4', 'W6A6', 'W3A3', 'W2A4')
 MAIN_ROWS = ('float', 'ptq_gaussian', 'ptq_psaq', 'ptq_mimiq', 'mimiq', 'ptq_real', 'ft_real')
-ABLATION_ROWS = ('abl_no_sim', 'abl_no_hsad', 'abl_no_task_kd')
+ABLATION_ROWS = ('abl_no_sim', 'abl_no_hsad', 'abl_no_task_kd', 'abl_gaussian')
 ABLATION_BITS = 'W4A4'
 ALL_ROWS = MAIN_ROWS + ABLATION_ROWS
 FORMAT_VERSION = 1

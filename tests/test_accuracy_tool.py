@@ -249,6 +249,10 @@ def test_settings_used_keeps_only_what_a_row_depends_on(accuracy):
     ft_real = accuracy.settings_used('ft_real', dict(settings, cfg_options={'synthesis.bf16': 1}))
     assert 'synth_iters' not in ft_real and 'cfg_options' not in ft_real
     assert ft_real['ft_iters'] == settings['ft_iters']
+    # fine-tuning on Gaussian noise: no synthesis iterations, the fine-tuning settings count
+    noise = accuracy.settings_used('abl_gaussian', settings)
+    assert 'synth_iters' not in noise and noise['lr'] == settings['lr']
+    assert 'abl_gaussian' in accuracy.ABLATION_ROWS
     assert accuracy.settings_used('float', settings) == dict(num_val=settings['num_val'],
                                                              eval_batch=settings['eval_batch'])
     assert settings['cfg_options'] == {'synthesis.bf16': True, 'quant_cfg.act.lsq': False}

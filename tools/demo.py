@@ -162,6 +162,10 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
            model_overrides=(('gamma', 0.0),)),
     Recipe('abl_no_task_kd', 'ablation: task-KD terms off', 'mimiq', True, True,
            model_overrides=NO_TASK_KD),
+    # the synthesis itself ablated: the same calibration and fine-tuning on Gaussian noise
+    # (with dynamic per-token activation steps, PTQ on noise matches PTQ on MimiQ images,
+    # benchmarks/results/time_to_quality/; this row says what the images add in fine-tuning)
+    Recipe('abl_gaussian', 'ablation: fine-tuning on Gaussian noise', 'gaussian', True, True),
 ]}
 
 DEMO_RECIPES = ('ptq_gaussian', 'ptq_mimiq', 'mimiq')
