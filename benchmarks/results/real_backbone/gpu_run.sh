@@ -17,6 +17,8 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesA OUT  # 512 images x 50 iterations
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesB OUT  #   (the synthesis cost of
 #     128 x 200): PTQ, then the full pipeline at lr $LR on the same images
+#   bash benchmarks/results/real_backbone/gpu_run.sh noise OUT    # abl_gaussian (fine-tuning
+#     on Gaussian noise) at lr $LR: what the MimiQ images add (the mimiq rows are known)
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
 # in a row, each up to LIMIT) overran a 600 s device call, and 6 concurrent DINOv2 syntheses
 # ran at 2.4 it/s each (5.7 alone); plan ~3 processes per call. The demo data is generated
@@ -89,7 +91,12 @@ images() {  # name, task, seed: PTQ on $IMAGES MimiQ images x $ITERS iterations,
     one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
         "${size[@]}"
 }
-if [ "$mode" = imagesA ]; then  # the drifting demo Swin detector, and det_dinov2 s0
+if [ "$mode" = noise ]; then  # one process per teacher; PTQ on noise first (same images)
+    for t in det_dinov2 seg_dinov2 det; do
+        (one "${t}_s0_noise" --tasks "$t" --seed 0 --rows ptq_gaussian $W4
+         one "${t}_s0_noise__lr$LR" --tasks "$t" --seed 0 --rows abl_gaussian $W4 --lr "$LR") &
+    done
+elif [ "$mode" = imagesA ]; then  # the drifting demo Swin detector, and det_dinov2 s0
     (images det_swin_s0_n$IMAGES det 0) &
     (images det_swin_s1_n$IMAGES det 1) &
     (images det_dinov2_s0_n$IMAGES det_dinov2 0) &
