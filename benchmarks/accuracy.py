@@ -87,6 +87,16 @@ def cells_wanted(tasks, rows, bits) -> List[Tuple[str, str, str]]:
     return out
 
 
+def load_results(path, tool: str) -> dict:
+    """An accuracy results file (JSON with ``cells`` and ``settings``), or exit with an error
+    naming ``tool`` (the script reading it) and the file."""
+    state = read_json(path)
+    if not isinstance(state, dict) or 'cells' not in state or 'settings' not in state:
+        raise SystemExit(f'{tool}: error: {path} is missing, unreadable or not an accuracy '
+                         'results file')
+    return state
+
+
 def settings_used(row: str, settings: dict) -> dict:
     """The part of a run's settings (``Benchmark.settings``) that a row's cells depend on.
 
@@ -267,9 +277,7 @@ class Benchmark:
         header = self._header()
         others = []
         for path in paths:
-            other = read_json(Path(path))
-            if not isinstance(other, dict) or 'cells' not in other:
-                raise SystemExit(f'accuracy.py: error: {path} is not an accuracy results file')
+            other = load_results(Path(path), 'accuracy.py')
             theirs = {k: other.get(k) for k in header}
             if theirs != header:
                 raise SystemExit(f'accuracy.py: error: {path} was made with other settings '

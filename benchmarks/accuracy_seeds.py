@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from mimiq_mm.utils.report import (Column, card_slug, markdown_table, percent_of,  # noqa: E402
-                                   read_json, write_json)
+                                   write_json)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import settings_used  # noqa: E402  (benchmarks/accuracy.py: what a row uses)
+# benchmarks/accuracy.py: the results files and what a row uses
+from accuracy import load_results, settings_used  # noqa: E402
 
 #: settings that do not define an experiment group (they vary between seeds of one group)
 SEED_LEVEL = ('seed', 'synth_batch')
@@ -43,11 +44,7 @@ _OWN_COLUMN = ('num_val', 'num_images', 'cfg_options')
 
 
 def load(path: Path) -> dict:
-    state = read_json(path)
-    if not isinstance(state, dict) or 'cells' not in state or 'settings' not in state:
-        raise SystemExit(f'accuracy_seeds.py: error: {path} is missing, unreadable or not an '
-                         'accuracy results file')
-    return state
+    return load_results(path, 'accuracy_seeds.py')
 
 
 def group_key(cell: dict, settings: dict) -> tuple:

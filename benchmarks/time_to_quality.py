@@ -26,11 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from mimiq_mm.utils.report import (Column, card_slug, markdown_table, read_json,  # noqa: E402
-                                   write_json)
+from mimiq_mm.utils.report import Column, card_slug, markdown_table, write_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import settings_used  # noqa: E402
+from accuracy import load_results, settings_used  # noqa: E402
 
 #: settings that vary along a curve or between its seeds, not between curves
 CURVE_LEVEL = ('synth_iters', 'synth_batch', 'seed')
@@ -41,20 +40,12 @@ def metric_names(task: str):
     return PRIMARY['seg' if task.startswith('seg') else 'det']
 
 
-def load(path: Path) -> dict:
-    state = read_json(path)
-    if not isinstance(state, dict) or 'cells' not in state or 'settings' not in state:
-        raise SystemExit(f'time_to_quality.py: error: {path} is missing, unreadable or not '
-                         'an accuracy results file')
-    return state
-
-
 def collect(paths):
     """``{curve key: {synth_iters: {seed: cell summary}}}`` and the card."""
     curves = defaultdict(lambda: defaultdict(dict))
     cards, num_val = set(), set()
     for path in paths:
-        state = load(Path(path))
+        state = load_results(Path(path), 'time_to_quality.py')
         settings = state['settings']
         cards.add(state.get('card') or state.get('machine', {}).get('card'))
         num_val.add(settings.get('num_val'))
