@@ -135,10 +135,11 @@ def trainable_parameters(student: nn.Module, quant_scope: Optional[str],
     part = student if train_scope == 'all' else get_scope(student, quant_scope)[0]
     if train_scope == 'layers':
         found = [p for _, m in quant_modules(part) for p in m.parameters()]
+    elif train_scope in ('steps', 'weights'):
+        want_steps = train_scope == 'steps'
+        found = [p for name, p in part.named_parameters() if _is_step(name) == want_steps]
     else:
-        keep = {'steps': _is_step, 'weights': lambda name: not _is_step(name)}.get(
-            train_scope, lambda name: True)
-        found = [p for name, p in part.named_parameters() if keep(name)]
+        found = list(part.parameters())
     trained = list({id(p): p for p in found}.values())
     if not trained:
         raise ValueError(f"train_scope={train_scope!r} leaves nothing to fine-tune: the "
