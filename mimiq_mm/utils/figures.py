@@ -32,6 +32,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, dpi: int, **layout) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents made) and close it."""
+    fig.tight_layout(**layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def results_bar_chart(rows: Sequence[dict], metrics: Sequence[Tuple[str, str]], path,
                       title: str = '', reference: Optional[dict] = None,
                       scale: float = 100.0) -> Path:
@@ -71,11 +80,7 @@ def results_bar_chart(rows: Sequence[dict], metrics: Sequence[Tuple[str, str]], 
     ax.legend(fontsize=8, loc='upper right')
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def metric_curves(series: Dict[str, Sequence[Tuple[float, float]]], path, xlabel: str = '',
@@ -94,11 +99,7 @@ def metric_curves(series: Dict[str, Sequence[Tuple[float, float]]], path, xlabel
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def _window_layout(num_windows: int, image_hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -217,10 +218,7 @@ def teacher_student_attention_figure(teacher: torch.nn.Module, student: torch.nn
     what = (f'{layer}: attention received per key token (softmax over keys, mean over the '
             'queries of its window), min-max normalised per panel')
     fig.suptitle(f'{title}\n{what}' if title else what, fontsize=8)
-    fig.tight_layout(h_pad=1.5)  # room for the student row's titles
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=100, h_pad=1.5)  # h_pad: room for the student row's titles
     return dict(path=str(path), layer=layer, head_correlation=corr)
 
 
