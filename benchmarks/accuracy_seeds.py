@@ -43,10 +43,6 @@ SEED_LEVEL = ('seed', 'synth_batch')
 _OWN_COLUMN = ('num_val', 'num_images', 'cfg_options')
 
 
-def load(path: Path) -> dict:
-    return load_results(path, 'accuracy_seeds.py')
-
-
 def group_key(cell: dict, settings: dict) -> tuple:
     settings = settings_used(cell['row'], settings)
     options = settings.get('cfg_options') or {}
@@ -65,7 +61,7 @@ def collect(paths, float_path=None, rows=None, bits=None) -> dict:
     groups, cards, num_val, floats = {}, set(), {}, {}
 
     def load_one_card(path):
-        state = load(Path(path))
+        state = load_results(Path(path), 'accuracy_seeds.py')
         cards.add(state.get('card'))
         if len(cards) > 1:
             raise SystemExit(f'accuracy_seeds.py: error: the files come from different cards '
