@@ -61,18 +61,20 @@ centre() {  # name, task, seed: PTQ (default, then centred activations) on the s
     [ -n "${PTQ_ONLY:-}" ] || one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq \
         $W4 --lr "$LR"
 }
-agree() {  # name, task, seed: PTQ, then the full pipeline at lr $LR; keep_best.json records
-    # the held-out loss terms and the teacher agreement of both students, so one run shows
-    # which data-free check follows the metric (the PTQ row is the other student's score).
-    # SCOPE=layers|steps: fine-tune only those parameters (model.train_scope)
+agree() {  # name, task, seed, accuracy.py arguments of both rows...: PTQ, then the full
+    # pipeline at lr $LR; keep_best.json records the held-out loss terms and the teacher
+    # agreement of both students, so one run shows which data-free check follows the metric
+    # (the PTQ row is the other student's score).
+    # SCOPE=layers|steps|weights: fine-tune only those parameters (model.train_scope)
     local name=$1 task=$2 seed=$3 tag="" extra=()
+    shift 3
     if [ -n "${SCOPE:-}" ]; then
         tag="_$SCOPE"
         extra=(--cfg-options "model.train_scope=$SCOPE")
     fi
-    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
+    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 "$@"
     one "${name}__lr$LR$tag" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
-        "${extra[@]}"
+        "$@" "${extra[@]}"
 }
 ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $LR (the PTQ
     # rows of these seeds are deterministic and measured by agreeA/agreeB; a name of its own
@@ -83,13 +85,9 @@ ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $L
 }
 IMAGES=${IMAGES:-512}
 ITERS=${ITERS:-50}
-images() {  # name, task, seed: PTQ on $IMAGES MimiQ images x $ITERS iterations, then the full
-    # pipeline at lr $LR on the same images (the fine-tuning sees each image 2400 / ($IMAGES
-    # - 8) times: 20 at 128 images, under 5 at 512)
-    local name=$1 task=$2 seed=$3 size=(--num-images "$IMAGES" --synth-iters "$ITERS")
-    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 "${size[@]}"
-    one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" \
-        "${size[@]}"
+images() {  # name, task, seed: agree on $IMAGES MimiQ images x $ITERS iterations (the
+    # fine-tuning sees each image 2400 / ($IMAGES - 8) times: 20 at 128 images, under 5 at 512)
+    agree "$@" --num-images "$IMAGES" --synth-iters "$ITERS"
 }
 if [ "$mode" = noise ]; then  # one process per teacher; PTQ on noise first (same images)
     for t in det_dinov2 seg_dinov2 det; do
