@@ -16,7 +16,10 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh gammaA OUT   #   pipeline rows only
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesA OUT  # 512 images x 50 iterations
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesB OUT  #   (the synthesis cost of
-#     128 x 200): PTQ, then the full pipeline at lr $LR on the same images
+#     128 x 200): PTQ, then the full pipeline at lr $LR on the same images (A: demo Swins,
+#     B: DINOv2)
+#   bash benchmarks/results/real_backbone/gpu_run.sh drift OUT  # the demo detector s0/s1
+#     and det_dinov2 s0 at lr $LR, fine-tuning model.train_scope=${SCOPE:-weights}
 #   bash benchmarks/results/real_backbone/gpu_run.sh noise OUT    # abl_gaussian (fine-tuning
 #     on Gaussian noise) at lr $LR: what the MimiQ images add (the mimiq rows are known)
 # As measured on one H200 (2026-12-01): the seed-0 chain of 'more' (three accuracy.py calls
@@ -94,14 +97,22 @@ if [ "$mode" = noise ]; then  # one process per teacher; PTQ on noise first (sam
         (one "${t}_s0_noise" --tasks "$t" --seed 0 --rows ptq_gaussian $W4
          one "${t}_s0_noise__lr$LR" --tasks "$t" --seed 0 --rows abl_gaussian $W4 --lr "$LR") &
     done
-elif [ "$mode" = imagesA ]; then  # the drifting demo Swin detector, and det_dinov2 s0
+elif [ "$mode" = imagesA ]; then  # demo Swins (their checkpoints in the tree): the
+    # drifting detector on two seeds, the segmentor
     (images det_swin_s0_n$IMAGES det 0) &
     (images det_swin_s1_n$IMAGES det 1) &
+    (images seg_swin_s0_n$IMAGES seg 0) &
+elif [ "$mode" = imagesB ]; then  # real-backbone teachers (the DINOv2 file in the cache)
     (images det_dinov2_s0_n$IMAGES det_dinov2 0) &
-elif [ "$mode" = imagesB ]; then
     (images det_dinov2_s1_n$IMAGES det_dinov2 1) &
     (images seg_dinov2_s0_n$IMAGES seg_dinov2 0) &
-    (images seg_swin_s0_n$IMAGES seg 0) &
+elif [ "$mode" = drift ]; then  # the drifting demo detector (two seeds) and det_dinov2 s0,
+    # full pipeline alone (their PTQ rows are known) fine-tuning model.train_scope=$SCOPE
+    # (default weights): does the narrower scope keep the gain and stop the drift?
+    sc=${SCOPE:-weights}
+    (ftonly det_swin_s0_$sc det 0 model.train_scope=$sc) &
+    (ftonly det_swin_s1_$sc det 1 model.train_scope=$sc) &
+    (ftonly det_dinov2_s0_$sc det_dinov2 0 model.train_scope=$sc) &
 elif [ "$mode" = gammaB ]; then  # real-backbone teachers: HSAD weight gamma=1 (task KD 10x
     # stronger relative to it) at lr $LR
     (ftonly det_dinov2_s0g1 det_dinov2 0 model.gamma=1.0) &
