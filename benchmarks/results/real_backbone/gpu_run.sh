@@ -17,7 +17,7 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesA OUT  # 512 images x 50 iterations
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesB OUT  #   (the synthesis cost of
 #     128 x 200): PTQ, then the full pipeline at lr $LR on the same images (A: demo Swins,
-#     B: DINOv2)
+#     B: DINOv2); IMAGES=128 ITERS=400 ... imagesA|imagesB: more synthesis iterations
 #   bash benchmarks/results/real_backbone/gpu_run.sh drift OUT  # the demo detector s0/s1
 #     and det_dinov2 s0 at lr $LR, fine-tuning model.train_scope=${SCOPE:-weights}
 #   bash benchmarks/results/real_backbone/gpu_run.sh noise OUT    # abl_gaussian (fine-tuning
@@ -99,13 +99,13 @@ if [ "$mode" = noise ]; then  # one process per teacher; PTQ on noise first (sam
     done
 elif [ "$mode" = imagesA ]; then  # demo Swins (their checkpoints in the tree): the
     # drifting detector on two seeds, the segmentor
-    (images det_swin_s0_n$IMAGES det 0) &
-    (images det_swin_s1_n$IMAGES det 1) &
-    (images seg_swin_s0_n$IMAGES seg 0) &
+    (images det_swin_s0_n${IMAGES}_i$ITERS det 0) &
+    (images det_swin_s1_n${IMAGES}_i$ITERS det 1) &
+    (images seg_swin_s0_n${IMAGES}_i$ITERS seg 0) &
 elif [ "$mode" = imagesB ]; then  # real-backbone teachers (the DINOv2 file in the cache)
-    (images det_dinov2_s0_n$IMAGES det_dinov2 0) &
-    (images det_dinov2_s1_n$IMAGES det_dinov2 1) &
-    (images seg_dinov2_s0_n$IMAGES seg_dinov2 0) &
+    (images det_dinov2_s0_n${IMAGES}_i$ITERS det_dinov2 0) &
+    (images det_dinov2_s1_n${IMAGES}_i$ITERS det_dinov2 1) &
+    (images seg_dinov2_s0_n${IMAGES}_i$ITERS seg_dinov2 0) &
 elif [ "$mode" = drift ]; then  # the drifting demo detector (two seeds) and det_dinov2 s0,
     # full pipeline alone (their PTQ rows are known) fine-tuning model.train_scope=$SCOPE
     # (default weights): does the narrower scope keep the gain and stop the drift?
