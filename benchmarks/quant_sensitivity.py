@@ -102,6 +102,9 @@ VARIANTS = {
     'w_nearest': ('nearest weight rounding (no GPTQ)', dict(weight=dict(rounding='nearest'))),
     'center': ('activations centred: Q(x - m) + m with the calibrated per-channel mean m',
                dict(act=dict(center=True))),
+    # data-free SmoothQuant-style fold into the LayerNorm -> qkv / fc1 pairs (QuantConfig.smooth)
+    **{f'smooth{int(a * 100)}': (f'LayerNorm -> Linear smoothing, migration exponent {a}',
+                                 dict(smooth=a)) for a in (0.25, 0.5, 0.75, 1.0)},
     # one input kind at 8 bits at a time (mmdet/mmseg Swin and timm ViT names)
     'qkv_in8': ('qkv input (post-LayerNorm) at 8 bits',
                 dict(overrides={'*w_msa.qkv': dict(act=dict(bits=8)),

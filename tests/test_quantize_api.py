@@ -279,6 +279,67 @@ def test_reparam_at_calibration_keeps_float_function(name):
         assert q.is_initialized and q.step.abs() < 50.0
 
 
+@pytest.mark.parametrize('name', ['maskrcnn_swin', 'upernet_vit', 'timm_vit'])
+def test_smooth_folds_into_layernorm_and_linear_keeping_float_function(name):
+    model = _build(name)
+    _, run, size = MODELS[name]
+    scope = model.backbone if hasattr(model, 'backbone') else model
+    norms = [m for m in scope.modules() if isinstance(m, nn.LayerNorm)]
+    with torch.no_grad():
+        for m in norms:
+            m.weight[:2] = 50.0  # the few huge post-LayerNorm channels of trained ViTs
+    x = _img(size, seed=4)
+    with torch.no_grad():
+        ref = run(model, x)
+    before = {n: m.weight.detach().clone() for n, m in scope.named_modules()
+              if isinstance(m, nn.LayerNorm)}
+    # everything float except qkv of the first block (filter_fn): only that pair is folded
+    adapt_attention_(scope)  # nn.MultiheadAttention's packed in-projection becomes a Linear
+    first = next(iter(find_attention_modules(scope)))
+    qkv = [n for n, m in scope.named_modules() if isinstance(m, nn.Linear)
+           and n.startswith(first) and ('qkv' in n or 'in_proj' in n)]
+    assert len(qkv) == 1
+    prefix = 'backbone.' if hasattr(model, 'backbone') else ''
+    quantize_(model, QuantConfig(smooth=0.5), filter_fn=lambda m, fqn: fqn == prefix + qkv[0])
+    changed = [n for n, m in scope.named_modules()
+               if isinstance(m, nn.LayerNorm) and not torch.equal(before[n], m.weight)]
+    assert len(changed) == 1 and changed[0].startswith(first.split('.attn')[0] + '.')
+    big = scope.get_submodule(changed[0]).weight.detach()
+    assert big[:2].abs().max() < 50.0 / 2  # the huge channels gave part of their range
+    with torch.no_grad(), quant_state(model, weight=False, act=False):
+        _assert_all_close(run(model, x), ref, atol=1e-4, rtol=1e-4)
+    # every pair when every Linear is quantized
+    model = _build(name)
+    quantize_(model, QuantConfig(smooth=0.5))
+    scope = model.backbone if hasattr(model, 'backbone') else model
+    n_blocks = len(find_attention_modules(scope))
+    fresh = _build(name)
+    fresh_norms = {n: m for n, m in (fresh.backbone if hasattr(fresh, 'backbone') else fresh)
+                   .named_modules() if isinstance(m, nn.LayerNorm)}
+    changed = [n for n, m in scope.named_modules() if isinstance(m, nn.LayerNorm)
+               and not torch.equal(m.weight, fresh_norms[n].weight)]
+    assert len(changed) == 2 * n_blocks
+
+
+def test_smooth_factor_moves_range_from_activation_to_weights():
+    from mimiq_mm.quant.reparam import smooth_factor
+    norm, lin = nn.LayerNorm(8), nn.Linear(8, 4)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.weight[0] = 64.0
+        norm.bias.zero_()
+        lin.weight.fill_(0.5)
+    assert torch.equal(smooth_factor(norm, [lin], 0.0), torch.ones(8))
+    half, full = smooth_factor(norm, [lin], 0.5), smooth_factor(norm, [lin], 1.0)
+    # geometric mean 1; the huge channel gets sqrt(64) = 8 times the others at alpha 0.5
+    for f in (half, full):
+        torch.testing.assert_close(f.log().mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(half[0] / half[1], torch.tensor(8.0))
+    torch.testing.assert_close(full[0] / full[1], torch.tensor(64.0))
+    with pytest.raises(ValueError, match='elementwise_affine=False'):
+        smooth_factor(nn.LayerNorm(8, elementwise_affine=False), [lin], 0.5)
+
+
 FRESH_SCRIPT = textwrap.dedent('''
     import sys, torch
     torch.set_num_threads(1)
@@ -372,6 +433,8 @@ def test_config_from_dict_and_overrides():
     (dict(act=dict(observer='percentile')), r"per_token' sets its clipping ratio with observer"),
     (dict(act=dict(symmetric=False)), r"per_token' supports symmetric=True only"),
     (dict(reparam=True), r"reparam=True .* needs act.granularity='per_tensor'"),
+    (dict(smooth=1.5), r'smooth must be a migration exponent in \[0, 1\]'),
+    (dict(smooth=True), r'smooth must be a migration exponent'),
     (dict(weight=dict(granularity='per_token')), r"'per_token' is for activations"),
 ])
 def test_config_validation_errors(d, match):

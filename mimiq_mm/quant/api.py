@@ -15,7 +15,8 @@ from .gptq import InputMoments, apply_gptq_
 from .gptq import summarize as summarize_gptq
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .quantizers import Quantizer
-from .reparam import apply_calibrated_reparam_, find_reparam_pairs
+from .reparam import (apply_calibrated_reparam_, find_reparam_pairs,
+                      smooth_layernorm_linears_)
 
 QUANT_MODULE_TYPES = (QuantLinear, QuantConv2d, QuantMatMul)
 # Attribute names the attention adapters give the two products (docs/INTERFACES.md).
@@ -75,6 +76,17 @@ def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping, None] = None
     input_layer = None
     if config.keep_input_float:
         input_layer = config.input_layer or _default_input_layer(scope_module, prefix)
+    if config.smooth:
+        # pairs whose Linears are all plain and about to be quantized (the fold is exact
+        # either way; a float Linear gains nothing, a quantized one is left alone)
+        names = {id(m): prefix + n for n, m in scope_module.named_modules()}
+
+        def to_quantize(pair) -> bool:
+            return all(isinstance(lin, nn.Linear) and not isinstance(lin, QUANT_MODULE_TYPES)
+                       and config.for_module(names[id(lin)]) is not None
+                       and (filter_fn is None or filter_fn(lin, names[id(lin)]))
+                       for lin in pair.linears)
+        smooth_layernorm_linears_(scope_module, config.smooth, to_quantize)
     reparam_linears = set()
     if config.reparam:
         for pair in find_reparam_pairs(scope_module):

@@ -242,6 +242,11 @@ class QuantConfig:
         reparam: RepQ-ViT-style per-channel scale reparameterisation of post-LayerNorm
             activations into the LayerNorm affine and the following Linear(s), applied at
             the end of calibration.
+        smooth: SmoothQuant-style migration exponent ``alpha`` in [0, 1] for the inputs of
+            the Linear(s) that follow a LayerNorm (qkv, fc1): a per-channel factor from the
+            LayerNorm affine and the Linear weights alone (data-free,
+            :func:`mimiq_mm.quant.reparam.smooth_factor`) is folded into both before
+            quantization (float function unchanged). 0 = off.
         rotate_inputs: quantize ``x R`` and ``W R`` for an orthogonal ``R`` (same float
             output) in every Linear whose input is quantized, except those the LayerNorm
             reparam handles (``reparam=True``): sparse heavy-tailed inputs (post-GELU) and
@@ -258,6 +263,7 @@ class QuantConfig:
     scope: str = 'backbone'
     overrides: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = ()
     reparam: bool = False
+    smooth: float = 0.0
     rotate_inputs: bool = True
     keep_input_float: bool = True
     input_layer: Optional[str] = None
@@ -287,6 +293,11 @@ class QuantConfig:
             raise ValueError(f"reparam=True folds per-channel scales chosen for a per-tensor "
                              f"input grid; it needs act.granularity='per_tensor', got "
                              f"{self.act.granularity!r} (a per-token grid does not need it)")
+        if (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
+                or not 0.0 <= float(self.smooth) <= 1.0):
+            raise ValueError(f'smooth must be a migration exponent in [0, 1] (0 = off), got '
+                             f'{self.smooth!r}')
+        object.__setattr__(self, 'smooth', float(self.smooth))
         if self.input_layer is not None and not isinstance(self.input_layer, str):
             raise ValueError(f'input_layer must be a module name (str) or None, got '
                              f'{self.input_layer!r}')

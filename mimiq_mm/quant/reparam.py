@@ -13,6 +13,11 @@ window attention, and zeros stay zeros under a pure scale, so the fold is exact 
 
 Which Linear follows which LayerNorm is declared per block CLASS in a small registry
 (:func:`register_reparam_block`); nothing is matched on module names.
+
+The same fold with a data-free factor, applied before quantization (``QuantConfig.smooth``):
+:func:`smooth_factor` splits the range of each post-LayerNorm channel between the activation
+and the weights, SmoothQuant-style, from the weights alone. The rotation of the Linear inputs
+then acts on an input whose outlier channels have been scaled down.
 """
 import importlib
 from dataclasses import dataclass
@@ -142,6 +147,42 @@ def reparam_layernorm_linear_(norm: nn.Module, linears: Sequence[nn.Module],
         norm.bias.div_(factor)
     for lin in linears:
         lin.weight.mul_(factor.to(lin.weight).unsqueeze(0))
+
+
+def smooth_factor(norm: nn.Module, linears: Sequence[nn.Module], alpha: float) -> Tensor:
+    """Data-free migration factor ``s_c = (a_c / w_c) ** alpha`` of one LayerNorm->Linear(s)
+    pair, normalised to a geometric mean of 1: ``a_c = |gamma_c| + |beta_c|`` bounds the
+    channel's LayerNorm output per unit of normalised input, ``w_c = max |W[:, c]|`` over the
+    Linears. Folding it (:func:`reparam_layernorm_linear_`) divides channel ``c`` of the
+    activation by ``s_c`` and multiplies the weight column by it: ``alpha=0`` changes
+    nothing, ``alpha=1`` moves all of the channel's spread into the weights."""
+    if getattr(norm, 'weight', None) is None:
+        raise ValueError(f'{type(norm).__name__} has no affine weight to fold a scale into '
+                         '(elementwise_affine=False); set QuantConfig.smooth=0 for it')
+    tiny = 1e-8
+    act = norm.weight.detach().abs().float()
+    if getattr(norm, 'bias', None) is not None:
+        act = act + norm.bias.detach().abs().float()
+    wmax = torch.stack([lin.weight.detach().abs().float().amax(0) for lin in linears]).amax(0)
+    factor = (act.clamp(min=tiny) / wmax.clamp(min=tiny)) ** float(alpha)
+    factor = factor / factor.log().mean().exp()
+    return torch.clamp(factor, min=MIN_REPARAM_FACTOR, max=1 / MIN_REPARAM_FACTOR)
+
+
+@torch.no_grad()
+def smooth_layernorm_linears_(model: nn.Module, alpha: float, select=None) -> List[str]:
+    """Fold :func:`smooth_factor` into every registered pair of ``model`` (``select(pair)``
+    False: skip it). The float function is unchanged. Returns the LayerNorms folded."""
+    done = []
+    if alpha == 0:
+        return done
+    for pair in find_reparam_pairs(model):
+        if select is not None and not select(pair):
+            continue
+        reparam_layernorm_linear_(pair.norm, pair.linears,
+                                  smooth_factor(pair.norm, pair.linears, alpha))
+        done.append(pair.norm_name)
+    return done
 
 
 def apply_calibrated_reparam_(model: nn.Module) -> List[str]:

@@ -18,6 +18,9 @@
 #   bash benchmarks/results/real_backbone/gpu_run.sh imagesB OUT  #   (the synthesis cost of
 #     128 x 200): PTQ, then the full pipeline at lr $LR on the same images (A: demo Swins,
 #     B: DINOv2); IMAGES=128 ITERS=400 ... imagesA|imagesB: more synthesis iterations
+#   bash benchmarks/results/real_backbone/gpu_run.sh smoothA OUT  # QuantConfig.smooth=0.5:
+#   bash benchmarks/results/real_backbone/gpu_run.sh smoothB OUT  #   PTQ against the default
+#     on the same images, then the full pipeline with it (A: DINOv2, B: demo Swins)
 #   bash benchmarks/results/real_backbone/gpu_run.sh drift OUT  # the demo detector s0/s1
 #     and det_dinov2 s0 at lr $LR, fine-tuning model.train_scope=${SCOPE:-weights}
 #   bash benchmarks/results/real_backbone/gpu_run.sh noise OUT    # abl_gaussian (fine-tuning
@@ -86,6 +89,15 @@ ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $L
     shift 3
     one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" --cfg-options "$@"
 }
+SMOOTH='--cfg-options quant_cfg.smooth=0.5'
+smooth() {  # name, task, seed: PTQ (default, then QuantConfig.smooth=0.5) on the same MimiQ
+    # images, then the full pipeline (default lr) with smoothing
+    local name=$1 task=$2 seed=$3
+    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
+    one "${name}__smooth" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $SMOOTH
+    [ -n "${PTQ_ONLY:-}" ] || one "${name}__smooth" --tasks "$task" --seed "$seed" --rows mimiq \
+        $W4 $SMOOTH
+}
 IMAGES=${IMAGES:-512}
 ITERS=${ITERS:-50}
 images() {  # name, task, seed: agree on $IMAGES MimiQ images x $ITERS iterations (the
@@ -106,6 +118,14 @@ elif [ "$mode" = imagesB ]; then  # real-backbone teachers (the DINOv2 file in t
     (images det_dinov2_s0_n${IMAGES}_i$ITERS det_dinov2 0) &
     (images det_dinov2_s1_n${IMAGES}_i$ITERS det_dinov2 1) &
     (images seg_dinov2_s0_n${IMAGES}_i$ITERS seg_dinov2 0) &
+elif [ "$mode" = smoothA ]; then  # real-backbone teachers (the DINOv2 file in the cache)
+    (smooth det_dinov2_s0 det_dinov2 0) &
+    (smooth det_dinov2_s1 det_dinov2 1) &
+    (smooth seg_dinov2_s0 seg_dinov2 0) &
+elif [ "$mode" = smoothB ]; then  # demo Swins (their checkpoints in the tree)
+    (smooth det_swin_s0 det 0) &
+    (smooth det_swin_s1 det 1) &
+    (smooth seg_swin_s0 seg 0) &
 elif [ "$mode" = drift ]; then  # the drifting demo detector (two seeds) and det_dinov2 s0,
     # full pipeline alone (their PTQ rows are known) fine-tuning model.train_scope=$SCOPE
     # (default weights): does the narrower scope keep the gain and stop the drift?
