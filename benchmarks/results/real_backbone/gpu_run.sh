@@ -59,14 +59,17 @@ pair() {  # name, task, seed, PTQ rows of the default (GPTQ)...: then PTQ on the
 }
 CENTER='--cfg-options quant_cfg.act.center=True'
 LR=${LR:-5e-5}
-centre() {  # name, task, seed: PTQ (default, then centred activations) on the same MimiQ
-    # images, then the full pipeline at lr $LR (the earlier cells used 1e-5)
-    local name=$1 task=$2 seed=$3
+variant() {  # name, task, seed, tag, options: PTQ (default, then with the options) on the
+    # same MimiQ images; then the full pipeline as run name $6 with the arguments after it
+    local name=$1 task=$2 seed=$3 tag=$4 opts=$5 ft=$6
+    shift 6
     one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
-    one "${name}__center" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $CENTER
-    [ -n "${PTQ_ONLY:-}" ] || one "${name}__lr$LR" --tasks "$task" --seed "$seed" --rows mimiq \
-        $W4 --lr "$LR"
+    one "${name}__$tag" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $opts
+    [ -n "${PTQ_ONLY:-}" ] || one "$ft" --tasks "$task" --seed "$seed" --rows mimiq $W4 "$@"
 }
+# name, task, seed: centred activations (PTQ), then the default at lr $LR (the earlier
+# cells used 1e-5)
+centre() { variant "$1" "$2" "$3" center "$CENTER" "${1}__lr$LR" --lr "$LR"; }
 agree() {  # name, task, seed, accuracy.py arguments of both rows...: PTQ, then the full
     # pipeline at lr $LR; keep_best.json records the held-out loss terms and the teacher
     # agreement of both students, so one run shows which data-free check follows the metric
@@ -90,14 +93,8 @@ ftonly() {  # name, task, seed, cfg options...: the full pipeline alone at lr $L
     one "$name" --tasks "$task" --seed "$seed" --rows mimiq $W4 --lr "$LR" --cfg-options "$@"
 }
 SMOOTH='--cfg-options quant_cfg.smooth=0.5'
-smooth() {  # name, task, seed: PTQ (default, then QuantConfig.smooth=0.5) on the same MimiQ
-    # images, then the full pipeline (default lr) with smoothing
-    local name=$1 task=$2 seed=$3
-    one "$name" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4
-    one "${name}__smooth" --tasks "$task" --seed "$seed" --rows ptq_mimiq $W4 $SMOOTH
-    [ -n "${PTQ_ONLY:-}" ] || one "${name}__smooth" --tasks "$task" --seed "$seed" --rows mimiq \
-        $W4 $SMOOTH
-}
+# name, task, seed: QuantConfig.smooth=0.5 (PTQ), then the full pipeline (default lr) with it
+smooth() { variant "$1" "$2" "$3" smooth "$SMOOTH" "${1}__smooth" $SMOOTH; }
 IMAGES=${IMAGES:-512}
 ITERS=${ITERS:-50}
 images() {  # name, task, seed: agree on $IMAGES MimiQ images x $ITERS iterations (the
